@@ -1,0 +1,154 @@
+"""Declarative, two-way weight mapping between PyTorch state dicts and NNX modules.
+
+A model's table is a list of `Rule(torch_key, our_path, transform)`. Torch keys
+may contain `{i}`: those tensors are stacked on axis 0 of our (scanned) parameter.
+The same table drives import (`load_module`) and export (`export_state_dict`).
+Import reports every missing, unexpected and mis-shaped tensor in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgie_jax.convert.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  name: str
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_torch: Callable[[np.ndarray], np.ndarray]
+  ndim: int | None = None  # required rank of the torch tensor, if any
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x)
+# torch Linear weight [out, in] <-> our kernel [in, out]
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T, ndim=2)
+# torch conv weight OIHW <-> our HWIO kernel (images are NHWC inside JAX)
+CONV = Transform("conv", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1), ndim=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  torch: str
+  ours: str
+  transform: Transform = IDENTITY
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.torch
+
+  @property
+  def pattern(self) -> re.Pattern:
+    return re.compile(re.escape(self.torch).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def prefixed(rules: Iterable[Rule], torch_prefix: str = "", ours_prefix: str = "") -> list[Rule]:
+  return [Rule(torch_prefix + r.torch, ours_prefix + r.ours, r.transform) for r in rules]
+
+
+def _path(p) -> str:
+  return ".".join(str(x) for x in p)
+
+
+def _abstract(factory: Callable[[], nnx.Module]):
+  abstract = nnx.eval_shape(factory)
+  graphdef, state = nnx.split(abstract)
+  return graphdef, {_path(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndarray],
+                rules: list[Rule], *, source: str, ignore: Iterable[str] = ()) -> nnx.Module:
+  """Build the module `factory()` would make, with every parameter taken from `tensors`.
+
+  `ignore` holds regexes of torch keys that are expected and unused (buffers
+  such as rotary `inv_freq`). Raises CheckpointError listing all problems.
+  """
+  graphdef, targets = _abstract(factory)
+  ignore = [re.compile(p) for p in ignore]
+  problems: list[str] = []
+  # Which torch keys each rule claims, and which it leaves over.
+  claimed: dict[int, dict[int | None, str]] = {n: {} for n in range(len(rules))}
+  unexpected = []
+  for key in tensors:
+    for n, rule in enumerate(rules):
+      m = rule.pattern.match(key)
+      if m:
+        claimed[n][int(m.group(1)) if rule.stacked else None] = key
+        break
+    else:
+      if not any(p.match(key) for p in ignore):
+        unexpected.append(key)
+
+  values: dict[str, np.ndarray] = {}
+  for n, rule in enumerate(rules):
+    if rule.ours not in targets:
+      raise KeyError(f"mapping table names {rule.ours!r}, which the model does not have")
+    target = targets[rule.ours].get_value()
+    keys = claimed[n]
+    want_layers = range(target.shape[0]) if rule.stacked else [None]
+    missing = [rule.torch.replace("{i}", str(i)) for i in want_layers if i not in keys]
+    extra = [keys[i] for i in keys if rule.stacked and i >= target.shape[0]]
+    problems += [f"missing tensor {k} (for {rule.ours})" for k in missing]
+    problems += [f"unexpected tensor {k}: the model has {target.shape[0]} layers" for k in extra]
+    if missing:
+      continue
+    parts, ok = [], True
+    want_shape = target.shape[1:] if rule.stacked else target.shape
+    for i in want_layers:
+      key = keys[i]
+      arr = tensors[key]
+      if rule.transform.ndim is not None and arr.ndim != rule.transform.ndim:
+        problems.append(f"{key}: shape {tuple(arr.shape)} has rank {arr.ndim}, expected rank "
+                        f"{rule.transform.ndim} for {rule.ours} {tuple(want_shape)}")
+        ok = False
+        continue
+      arr = rule.transform.to_ours(arr)
+      if tuple(arr.shape) != tuple(want_shape):
+        problems.append(f"{key}: shape mismatch, checkpoint gives {tuple(arr.shape)} after "
+                        f"{rule.transform.name} transform, {rule.ours} needs {tuple(want_shape)}")
+        ok = False
+        continue
+      parts.append(arr)
+    if ok:
+      values[rule.ours] = np.stack(parts) if rule.stacked else parts[0]
+
+  uncovered = sorted(set(targets) - {r.ours for r in rules})
+  problems += [f"model parameter {p} has no rule in the mapping table" for p in uncovered]
+  problems += [f"unexpected tensor {k} (no rule maps it)" for k in sorted(unexpected)]
+  if problems:
+    raise CheckpointError(source, problems)
+
+  flat = []
+  for path, var in targets.items():
+    flat.append((tuple(path.split(".")), var.replace(
+        jnp.asarray(values[path], dtype=var.get_value().dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(_fix_int_keys(flat)))
+
+
+def _fix_int_keys(flat):
+  # nnx paths can hold ints (list indices); our string paths turn them back.
+  return [(tuple(int(p) if p.isdigit() else p for p in path), v) for path, v in flat]
+
+
+def export_state_dict(module: nnx.Module, rules: list[Rule], dtype=None) -> dict[str, np.ndarray]:
+  """The torch-layout state dict of `module`, driven by the same table as import."""
+  ours = {_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  out = {}
+  for rule in rules:
+    arr = np.asarray(jax.device_get(ours[rule.ours]))
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    if rule.stacked:
+      for i in range(arr.shape[0]):
+        out[rule.torch.replace("{i}", str(i))] = np.ascontiguousarray(rule.transform.to_torch(arr[i]))
+    else:
+      out[rule.torch] = np.ascontiguousarray(rule.transform.to_torch(arr))
+  return out

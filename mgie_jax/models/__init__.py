@@ -1,0 +1,11 @@
+"""Flax NNX ports of MGIE's models."""
+
+from mgie_jax.models.clip import ClipVisionConfig, ClipVisionModel, ClipVisionOutput
+from mgie_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaOutput
+from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+
+__all__ = [
+    "ClipVisionConfig", "ClipVisionModel", "ClipVisionOutput",
+    "LlamaConfig", "LlamaForCausalLM", "LlamaOutput",
+    "LlavaConfig", "LlavaForConditionalGeneration",
+]

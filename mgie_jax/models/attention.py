@@ -1,0 +1,36 @@
+"""The one attention function every model in mgie_jax goes through."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def dot_product_attention(q, k, v, *, mask=None, implementation: str = "xla"):
+  """Scaled dot-product attention over [batch, length, heads, head_dim] tensors.
+
+  `k`/`v` may have fewer heads than `q` (grouped-query attention); `mask` is a
+  boolean array broadcastable to [batch, heads, q_len, kv_len], True = attend.
+  `implementation` is a config value: "xla" runs everywhere, "cudnn" asks for
+  the fused cuDNN kernel on NVIDIA GPUs, "auto" lets JAX pick.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  impl = None if implementation == "auto" else implementation
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def causal_padding_mask(query_slots, key_valid):
+  """Boolean [batch, 1, q, kv] mask: key slot j is visible to query slot i iff j <= i and key j is real.
+
+  query_slots: int [q] or [batch, q] absolute slot of each query (cache index + offset).
+  key_valid: bool [batch, kv], False for padding and not-yet-written cache slots.
+  """
+  key_slots = jnp.arange(key_valid.shape[-1])
+  if query_slots.ndim == 1:
+    query_slots = query_slots[None]
+  causal = key_slots[None, None, :] <= query_slots[:, :, None]
+  return (causal & key_valid[:, None, :])[:, None]

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mgie_jax",
+    version="0.1.0",
+    description="JAX/Flax NNX training pipeline for MGIE (MLLM-guided instruction-based image editing)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mgie_jax", "mgie_jax.*", "data_pipelines", "data_pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.12,<0.13",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "tensorflow-datasets",
+        "grain",
+        "transformers>=4.52",
+        "diffusers",
+        "safetensors",
+        "sentencepiece",
+        "ml_dtypes",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "absl-py",
+    ],
+    extras_require={
+        # torch is only needed for .bin/.pt import and the PyTorch reference tests;
+        # pinned so that pip takes the CPU build instead of a multi-GB CUDA one.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest", "scikit-image", "torch==2.13.0"],
+    },
+)
