@@ -189,9 +189,13 @@ def llama_from_pretrained(path: str, dtype=None, **runtime) -> LlamaForCausalLM:
                      llama_rules(cfg), source=path, ignore=ignore)
 
 
+def _is_llava_hf(hf: dict) -> bool:
+  # LLaVA v1 configs also say model_type "llava", but they are flat LLaMA configs.
+  return "text_config" in hf or bool(set(hf.get("architectures") or []) & set(LLAVA_HF_ARCHS))
+
+
 def llava_config_from_hf(hf: dict, vision_hf: dict | None = None, **runtime) -> LlavaConfig:
-  archs = hf.get("architectures") or []
-  if set(archs) & set(LLAVA_HF_ARCHS) or "text_config" in hf:
+  if _is_llava_hf(hf):
     proj_act = hf.get("projector_hidden_act", "gelu")
     layer = hf.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
@@ -228,7 +232,7 @@ def llava_from_pretrained(path: str, dtype=None, *, vision_tower: str | None = N
   runtime = _runtime(dtype, runtime)
   tensors = open_weights(path)
   ignore = IGNORED
-  if hf.get("model_type") == "llava" or "text_config" in hf:
+  if _is_llava_hf(hf):
     cfg = llava_config_from_hf(hf, **runtime)
     tensors = _Renamed([(tensors, _legacy_llava_hf)])
   else:

@@ -14,6 +14,9 @@ from flax import nnx
 
 from mgie_jax.models import layers
 from mgie_jax.models.attention import dot_product_attention
+from mgie_jax.parallel import constrain
+
+ACT = ("batch", "length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +126,10 @@ class ClipVisionModel(nnx.Module):
     return x + self.position_embedding.embedding[...].astype(x.dtype)[None]
 
   def __call__(self, pixel_values, *, output_hidden_states: bool = False) -> ClipVisionOutput:
-    x = self.pre_layrnorm(self.embeddings(pixel_values))
+    x = constrain(self.pre_layrnorm(self.embeddings(pixel_values)), ACT)
 
     def body(layer, h, _):
-      h = layer(h)
+      h = constrain(layer(h), ACT)
       return h, (h if output_hidden_states else None)
 
     first = x

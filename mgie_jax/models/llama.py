@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgie_jax.models import layers
+from mgie_jax.parallel import constrain
 from mgie_jax.models.attention import causal_padding_mask, dot_product_attention
 
 
@@ -64,6 +65,9 @@ class LlamaConfig:
       hf["eos_token_id"] = hf["eos_token_id"][0]
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in hf.items() if k in names and k not in runtime}, **runtime)
+
+
+ACT = ("batch", "length", "act_embed")
 
 
 class LlamaOutput(NamedTuple):
@@ -170,9 +174,10 @@ class LlamaModel(nnx.Module):
 
     def body(layer, x, kv):
       x, kv = layer(x, positions, mask, kv, index if cache is not None else None)
-      return x, kv
+      return constrain(x, ACT), kv
 
-    x, new_kv = layers.scan_layers(self.layers, body, inputs_embeds.astype(self.config.dtype), xs,
+    x = constrain(inputs_embeds.astype(self.config.dtype), ACT)
+    x, new_kv = layers.scan_layers(self.layers, body, x, xs,
                                    remat=self.config.remat)
     new_cache = None
     if cache is not None:
@@ -210,7 +215,8 @@ class LlamaForCausalLM(nnx.Module):
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
     hidden, cache = self.model(inputs_embeds, attention_mask, positions, cache)
-    return LlamaOutput(self.logits(hidden), hidden, cache)
+    logits = constrain(self.logits(hidden), ("batch", "length", "vocab"))
+    return LlamaOutput(logits, hidden, cache)
 
   def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
     """An empty KV cache: k/v [layers, B, max_length, kv_heads, head_dim], per-slot validity, write index."""

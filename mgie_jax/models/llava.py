@@ -53,7 +53,8 @@ class Projector(nnx.Module):
   def __init__(self, cfg: LlavaConfig, rngs: nnx.Rngs):
     v, d = cfg.vision.hidden_size, cfg.text.hidden_size
     kw = dict(dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype, rngs=rngs, use_bias=cfg.projector_bias)
-    self.linear_1 = layers.linear(v, d, ("vision_embed", "embed"), **kw)
+    # Column- then row-parallel, like an MLP; a v1 single Linear is column-parallel.
+    self.linear_1 = layers.linear(v, d, ("vision_embed", "mlp"), **kw)
     self.two_layer = cfg.projector == "mlp2x_gelu"
     if self.two_layer:
       self.linear_2 = layers.linear(d, d, ("mlp", "embed"), **kw)
@@ -99,9 +100,10 @@ class LlavaForConditionalGeneration(nnx.Module):
     return self.multi_modal_projector(feats)
 
   def embed(self, input_ids, pixel_values=None, image_features=None):
-    is_img = input_ids == self.config.image_token_id
-    # The image token id may lie outside the embedding table (llava-hf): look up 0 instead.
-    embeds = self.language_model.embed(jnp.where(is_img, 0, input_ids))
+    # The image token id may lie outside the embedding table: look up 0 there instead. A
+    # generated image token (no features given) keeps its own embedding, as in transformers.
+    vocab = self.config.text.vocab_size
+    embeds = self.language_model.embed(jnp.where(input_ids < vocab, input_ids, 0))
     if pixel_values is not None:
       image_features = self.image_features(pixel_values)
     if image_features is not None:

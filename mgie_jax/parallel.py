@@ -1,0 +1,124 @@
+"""Device mesh and logical-axis sharding rules.
+
+Model code names logical axes only; one rules table maps them to the mesh axes
+('data', 'fsdp', 'tensor'). Parameters are placed with `shard_module`, activations
+pinned at block boundaries with `constrain` while a mesh is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),       # activations' feature axis: replicated, batch carries fsdp
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 and takes what is left."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into data x fsdp x tensor = {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} are present")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names, rules=DEFAULT_RULES) -> P:
+  return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def _fit(spec: P, shape, mesh: Mesh, where: str) -> P:
+  """Make a spec valid for `shape`: a dimension that mesh axes do not divide (e.g. an odd
+  vocabulary) is replicated with a warning; a mesh axis already used by an earlier
+  dimension is dropped from later ones."""
+  out, used = [], set()
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in used)
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      log.warning("%s: dimension %d is not divisible by mesh axes %s (%d); replicating it",
+                  where, dim, names, size)
+      names = ()
+    used.update(names)
+    out.append(None if not names else names[0] if len(names) == 1 else names)
+  return P(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for an nnx State (real or abstract) from the logical names on its variables."""
+  with nnx.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(state)
+  flat_specs = dict(nnx.to_flat_state(specs))
+  out = []
+  for path, var in nnx.to_flat_state(state):
+    shape = var.get_value().shape
+    spec = _fit(flat_specs[path].get_value(), shape, mesh, ".".join(map(str, path)))
+    out.append((path, var.replace(NamedSharding(mesh, spec))))
+  return nnx.from_flat_state(out)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+  """Place every variable of `module` on `mesh` per the rules (in place; returns the module)."""
+  state = nnx.state(module)
+  nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+  return module
+
+
+# --- activation constraints -------------------------------------------------------------------
+
+_ctx = threading.local()
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=DEFAULT_RULES):
+  """While active (when tracing), `constrain` pins activations to the mesh."""
+  prev = getattr(_ctx, "value", None)
+  _ctx.value = (mesh, rules)
+  try:
+    yield mesh
+  finally:
+    _ctx.value = prev
+
+
+def constrain(x, names):
+  """with_sharding_constraint by logical names; a no-op when no mesh is active."""
+  ctx = getattr(_ctx, "value", None)
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = _fit(logical_to_spec(names, rules), x.shape, mesh, f"activation {names}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight PyTorch reference models saved with save_pretrained.
+
+Eight simulated CPU devices are requested before JAX is imported, so that the
+sharding tests can build meshes; unsharded tests simply run on device 0.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch", reason="reference tests need torch: pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers")
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 image_size=28, patch_size=7)
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tol(ref) -> float:
+  """DESIGN.md 4: max |ours - reference| <= 1e-4 x max(1, |reference|)."""
+  return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
+
+
+def max_err(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP)).eval()
+  path = tmp_path_factory.mktemp("clip")
+  model.save_pretrained(path)
+  return str(path), model
+
+
+def save_llama(path, seed=0, **overrides):
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+  model.save_pretrained(path)
+  return str(path), model
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+  return save_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gqa_llama_dir(tmp_path_factory):
+  return save_llama(tmp_path_factory.mktemp("llama_gqa"), seed=1, num_key_value_heads=2,
+                    rope_theta=500.0)
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory):
+  """A small SentencePiece BPE model with LLaMA's special ids (unk 0, bos 1, eos 2)."""
+  import sentencepiece as spm
+  rng = np.random.default_rng(0)
+  words = ("make it blue red green circle square triangle change the at top left bottom right "
+           "background remove add move a an of to image what will this be like if healthier "
+           "sky sunny chat between curious user and artificial intelligence assistant gives "
+           "helpful detailed polite answers questions USER ASSISTANT").split()
+  sents = [" ".join(rng.choice(words, 10)) + str(rng.choice(list(".,!?':"))) for _ in range(3000)]
+  path = tmp_path_factory.mktemp("tokenizer")
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sents), model_prefix=str(path / "tokenizer"), vocab_size=400,
+      model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+      character_coverage=1.0, minloglevel=2)
+  return str(path)

@@ -1,0 +1,99 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import max_err, save_llama, tol
+from mgie_jax.models import LlamaConfig, LlamaForCausalLM
+
+
+def run_both(path, ref_model, ids, mask=None, positions=None, **kw):
+  ours = LlamaForCausalLM.from_pretrained(path, **kw)
+  t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
+  with torch.no_grad():
+    ref = ref_model(input_ids=t(ids), attention_mask=t(mask), position_ids=t(positions)).logits.numpy()
+  out = ours(jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask),
+             positions=None if positions is None else jnp.asarray(positions)).logits
+  return np.asarray(out, np.float32), ref
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gqa_llama_dir"])
+def test_llama_logits_parity(fixture, request):
+  path, ref_model = request.getfixturevalue(fixture)
+  ids = np.random.default_rng(0).integers(3, 128, (2, 11))
+  out, ref = run_both(path, ref_model, ids)
+  assert max_err(out, ref) <= tol(ref)
+
+
+def test_gqa_config_really_groups_heads(gqa_llama_dir):
+  ours = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  assert ours.config.num_key_value_heads == 2 and ours.config.num_attention_heads == 4
+  assert ours.model.layers.self_attn.k_proj.kernel.shape == (2, 64, 2 * 16)
+
+
+def test_llama_padded_batch_parity(gqa_llama_dir):
+  path, ref_model = gqa_llama_dir
+  rng = np.random.default_rng(1)
+  ids = rng.integers(3, 128, (3, 9))
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0      # left padding
+  mask[2, 6:] = 0      # right padding
+  ids[mask == 0] = 0
+  positions = np.maximum(mask.cumsum(-1) - 1, 0)
+  out, ref = run_both(path, ref_model, ids, mask, positions)
+  real = mask.astype(bool)
+  assert max_err(out[real], ref[real]) <= tol(ref[real])
+
+
+def test_tied_embeddings(tmp_path):
+  path, ref_model = save_llama(tmp_path, seed=3, tie_word_embeddings=True)
+  ours = LlamaForCausalLM.from_pretrained(path)
+  assert not hasattr(ours, "lm_head")
+  ids = np.random.default_rng(2).integers(3, 128, (1, 7))
+  out, ref = run_both(path, ref_model, ids)
+  assert max_err(out, ref) <= tol(ref)
+
+
+def test_kv_cache_decoding_equals_full_forward(gqa_llama_dir):
+  model = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  ids = jnp.asarray(np.random.default_rng(3).integers(3, 128, (2, 10)))
+  full = model(ids).logits
+  cache = model.init_cache(2, 16)
+  out = model(ids[:, :6], cache=cache)
+  steps = [out.logits]
+  cache = out.cache
+  for i in range(6, 10):
+    out = model(ids[:, i:i + 1], cache=cache)
+    cache = out.cache
+    steps.append(out.logits)
+  assert int(cache["index"]) == 10
+  assert max_err(jnp.concatenate(steps, axis=1), full) <= tol(full)
+
+
+def test_remat_and_bf16(gqa_llama_dir):
+  path, _ = gqa_llama_dir
+  ids = jnp.asarray(np.random.default_rng(4).integers(3, 128, (2, 8)))
+  ref = LlamaForCausalLM.from_pretrained(path)(ids).logits
+  remat = LlamaForCausalLM.from_pretrained(path, remat="full")
+  graphdef, state = nnx.split(remat)
+  loss = lambda s: nnx.merge(graphdef, s)(ids).logits.sum()
+  grads = jax.grad(loss)(state)
+  assert max_err(nnx.merge(graphdef, state)(ids).logits, ref) <= tol(ref)
+  assert np.isfinite(np.asarray(grads["model"]["embed_tokens"]["embedding"][...])).all()
+  bf16 = LlamaForCausalLM.from_pretrained(path, dtype="bfloat16")(ids).logits
+  assert bf16.dtype == jnp.bfloat16
+  # Two bf16 layers on logits of scale ~0.5: stated tolerance 2% of the logit range.
+  assert max_err(bf16.astype(jnp.float32), ref) <= 0.02 * max(1.0, float(jnp.abs(ref).max()))
+
+
+def test_bad_config_values():
+  with pytest.raises(ValueError, match="multiple of"):
+    LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
+  with pytest.raises(ValueError, match="rope scaling"):
+    LlamaConfig.from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+  with pytest.raises(ValueError, match="remat policy"):
+    cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, remat="sometimes")
+    LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 2), jnp.int32))
