@@ -34,8 +34,9 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("norm", None),            # norm scales and biases: small, replicated
     ("vocab", "tensor"),
-    ("conv_in", None),
+    ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
 )
 

@@ -30,11 +30,11 @@ LEGACY_VAE = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
               (".proj_attn.", ".to_out.0."))
 
 
-def derived_rules(module_factory) -> list[Rule]:
-  """One Rule per parameter: rename path, `kernel` -> `weight` (conv: OIHW, linear: [out, in])."""
-  abstract = nnx.eval_shape(module_factory)
+def derived_rules(module: nnx.Module) -> list[Rule]:
+  """One Rule per parameter of `module` (real or abstract): rename the path, `kernel` ->
+  `weight` with a conv (OIHW) or linear ([out, in]) transform, `scale` -> `weight`."""
   rules = []
-  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     ours = ".".join(map(str, path))
     torch = "." + ours
     for pat, rep in RENAMES:
@@ -51,11 +51,11 @@ def derived_rules(module_factory) -> list[Rule]:
 
 
 def unet_rules(cfg: UNetConfig) -> list[Rule]:
-  return derived_rules(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+  return derived_rules(nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))))
 
 
 def vae_rules(cfg: VAEConfig) -> list[Rule]:
-  return derived_rules(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  return derived_rules(nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
 
 
 def _legacy_vae_key(key: str) -> str:
@@ -119,7 +119,7 @@ def _load_unet(tensors, hf: dict, source: str, in_channels, dtype, runtime):
     tensors = _widen(tensors, in_channels, source)
     hf = {**hf, "in_channels": in_channels}
   cfg = UNetConfig.from_hf(hf, **runtime)
-  return load_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), tensors, unet_rules(cfg),
+  return load_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), tensors, derived_rules,
                      source=source)
 
 
@@ -154,4 +154,4 @@ def vae_from_pretrained(path: str, dtype=None, **runtime) -> AutoencoderKL:
   hf = _diffusers_config(path, VAE_ARCHS)
   cfg = VAEConfig.from_hf(hf, **_runtime(dtype, runtime))
   tensors = _Renamed([(open_weights(path), _legacy_vae_key)])
-  return load_module(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), tensors, vae_rules(cfg), source=path)
+  return load_module(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), tensors, derived_rules, source=path)

@@ -58,20 +58,19 @@ def _path(p) -> str:
   return ".".join(str(x) for x in p)
 
 
-def _abstract(factory: Callable[[], nnx.Module]):
-  abstract = nnx.eval_shape(factory)
-  graphdef, state = nnx.split(abstract)
-  return graphdef, {_path(p): v for p, v in nnx.to_flat_state(state)}
-
-
 def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndarray],
-                rules: list[Rule], *, source: str, ignore: Iterable[str] = ()) -> nnx.Module:
+                rules, *, source: str, ignore: Iterable[str] = ()) -> nnx.Module:
   """Build the module `factory()` would make, with every parameter taken from `tensors`.
 
-  `ignore` holds regexes of torch keys that are expected and unused (buffers
-  such as rotary `inv_freq`). Raises CheckpointError listing all problems.
+  `rules` is a table, or a function of the abstract module returning one (tables derived
+  from the module's structure). `ignore` holds regexes of torch keys that are expected and
+  unused (buffers such as rotary `inv_freq`). Raises CheckpointError listing all problems.
   """
-  graphdef, targets = _abstract(factory)
+  abstract = nnx.eval_shape(factory)   # shapes only: nothing is allocated or initialised
+  if callable(rules):
+    rules = rules(abstract)
+  graphdef, state = nnx.split(abstract)
+  targets = {_path(p): v for p, v in nnx.to_flat_state(state)}
   ignore = [re.compile(p) for p in ignore]
   problems: list[str] = []
   # Which torch keys each rule claims, and which it leaves over.
