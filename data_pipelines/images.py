@@ -1,0 +1,95 @@
+"""Image checks for dataset building and MGIE's preprocessing, with PIL.
+
+Building keeps the original encoded bytes; `check_image` only decides whether they are
+usable. Loading decodes them and applies MGIE's preprocessing: center-crop to a square,
+resize to 512, then bicubic to the training size in [-1, 1]; the CLIP view is the 512 image
+resized (shortest side, bicubic) and center-cropped to 224, normalised with CLIP's mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+MAX_PIXELS = 8192 * 8192          # larger images are skipped, never decoded
+MIN_SIDE = 8
+
+
+class BadImage(ValueError):
+  """An unusable image; `reason` is the key it is counted under."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    self.reason = reason
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+  """Raise BadImage unless `data` is a complete 8-bit RGB image; returns (width, height)."""
+  if not data:
+    raise BadImage("empty_image")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+      size = img.size
+      mode = img.mode
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    raise BadImage("too_large") from None
+  except Exception as e:  # PIL raises many types for garbage bytes
+    raise BadImage("unreadable_image", str(e)) from None
+  if size[0] * size[1] > max_pixels:
+    raise BadImage("too_large", f"{size[0]}x{size[1]}")
+  if min(size) < MIN_SIDE:
+    raise BadImage("too_small", f"{size[0]}x{size[1]}")
+  if mode != "RGB":
+    raise BadImage("not_rgb", mode)
+  try:
+    img.load()              # decodes fully: catches truncated files
+  except Exception as e:
+    raise BadImage("truncated_image", str(e)) from None
+  return size
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+  img = Image.open(io.BytesIO(data))
+  img.load()
+  if img.mode != "RGB":
+    raise BadImage("not_rgb", img.mode)
+  return img
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+  w, h = img.size
+  s = min(w, h)
+  left, top = (w - s) // 2, (h - s) // 2
+  return img.crop((left, top, left + s, top + s))
+
+
+def mgie_square(img: Image.Image, size: int = 512) -> Image.Image:
+  """MGIE's first step for every image: center-crop to a square, resize to 512 (bicubic)."""
+  return center_crop_square(img).resize((size, size), Image.BICUBIC)
+
+
+def to_model_range(img: Image.Image, size: int) -> np.ndarray:
+  """Bicubic to size x size, float32 HWC in [-1, 1]."""
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BICUBIC)
+  return np.asarray(img, np.float32) / 127.5 - 1.0
+
+
+def clip_view(img: Image.Image, size: int = 224) -> np.ndarray:
+  """CLIPImageProcessor: shortest side to `size` (bicubic), center crop, /255, CLIP mean/std."""
+  w, h = img.size
+  if w <= h:
+    nw, nh = size, int(size * h / w)
+  else:
+    nw, nh = int(size * w / h), size
+  img = img.resize((nw, nh), Image.BICUBIC)
+  left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+  img = img.crop((left, top, left + size, top + size))
+  return (np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD

@@ -1,0 +1,145 @@
+"""The grain loader: TFDS ArrayRecord data source -> MGIE training batches on every host.
+
+  source -> this host's disjoint slice -> seeded shuffle (new order each epoch) -> repeat
+  -> decode + MGIE preprocessing + tokenisation (bad records counted and skipped)
+  -> per-host batches -> threads (and optionally worker processes) prefetching.
+
+Batches are dicts of numpy arrays:
+  key          bytes [B]                     (the record's key, for tracing; not for the device)
+  input_image  f32 [B, R, R, 3] in [-1, 1]   (R = resolution, 256 for training)
+  edited_image f32 [B, R, R, 3] in [-1, 1]
+  clip_image   f32 [B, 224, 224, 3]           (CLIP mean/std normalised view of the input)
+  input_ids / labels / attention_mask  int32 [B, max_length]  (when a tokenizer is given)
+The iterator's state (`get_state`/`set_state`, or grain's Orbax handler) restores exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+
+import grain
+import numpy as np
+from PIL import Image
+
+from data_pipelines.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  data_dir: str                      # a built dataset version folder, e.g. .../ipr2pr/folder/1.0.0
+  split: str = "train"
+  batch_size: int = 8                # per host
+  resolution: int = 256
+  clip_resolution: int = 224
+  tokenizer: str | None = None       # folder with tokenizer.model; None: images and text only
+  max_length: int = 512
+  num_image_tokens: int = 256
+  random_flip: bool = False          # off in MGIE: "move it to the left" would lie after a flip
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int | None = None      # None: repeat forever
+  num_threads: int = 8
+  prefetch: int = 64
+  worker_count: int = 0              # > 0: decode in that many worker processes
+  drop_remainder: bool = True
+
+
+class Preprocess:
+  """Decode one record and apply MGIE's preprocessing; returns None (counted) for bad records."""
+
+  def __init__(self, cfg: LoaderConfig):
+    self.cfg = cfg
+    self.tokenizer = None
+    if cfg.tokenizer:
+      from mgie_jax.text import LlamaTokenizer
+      self.tokenizer = LlamaTokenizer.from_pretrained(cfg.tokenizer)
+    self.skipped = collections.Counter()
+    self._lock = threading.Lock()
+
+  def _skip(self, reason: str, key) -> None:
+    with self._lock:
+      self.skipped[reason] += 1
+      n = sum(self.skipped.values())
+    log.warning("skipping record %s (%s); %d skipped so far: %s", key, reason, n, dict(self.skipped))
+
+  def __call__(self, record, rng: np.random.Generator | None = None):
+    key = record.get("key", b"?")
+    try:
+      src, dst = (mgie_square(decode_rgb(record[k])) for k in ("input_image", "edited_image"))
+    except BadImage as e:
+      self._skip(e.reason, key)
+      return None
+    except Exception as e:     # anything else a corrupt file can raise while decoding
+      self._skip(f"decode_error:{type(e).__name__}", key)
+      return None
+    if rng is not None and self.cfg.random_flip and rng.random() < 0.5:
+      src, dst = src.transpose(Image.FLIP_LEFT_RIGHT), dst.transpose(Image.FLIP_LEFT_RIGHT)
+    out = {"key": np.asarray(key),
+           "input_image": to_model_range(src, self.cfg.resolution),
+           "edited_image": to_model_range(dst, self.cfg.resolution),
+           "clip_image": clip_view(src, self.cfg.clip_resolution)}
+    if self.tokenizer is not None:
+      from mgie_jax.text import IGNORE_INDEX, training_example
+      text = lambda k: record[k].decode("utf-8") if isinstance(record[k], bytes) else record[k]
+      try:
+        ex = training_example(self.tokenizer, text("instruction"), text("expressive"),
+                              num_image_tokens=self.cfg.num_image_tokens, max_length=self.cfg.max_length)
+      except ValueError:
+        self._skip("too_long", key)
+        return None
+      n = len(ex.input_ids)
+      pad = self.cfg.max_length - n
+      out["input_ids"] = np.pad(ex.input_ids, (0, pad)).astype(np.int32)
+      out["labels"] = np.pad(ex.labels, (0, pad), constant_values=IGNORE_INDEX).astype(np.int32)
+      out["attention_mask"] = (np.arange(self.cfg.max_length) < n).astype(np.int32)
+    return out
+
+
+class _RandomPreprocess(grain.transforms.RandomMap):
+  def __init__(self, fn: Preprocess):
+    self.fn = fn
+
+  def random_map(self, record, rng):
+    return self.fn(record, rng)
+
+
+def open_source(data_dir: str, split: str):
+  import tensorflow_datasets as tfds
+  builder = tfds.builder_from_directory(data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"{data_dir} has splits {list(builder.info.splits)}, not {split!r}")
+  return builder.as_data_source(split)
+
+
+def make_dataset(cfg: LoaderConfig, process_index: int = 0, process_count: int = 1,
+                 preprocess: Preprocess | None = None) -> grain.IterDataset:
+  """The per-host pipeline as a grain IterDataset (checkpointable when iterated)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
+  source = open_source(cfg.data_dir, cfg.split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"host {process_index}/{process_count} gets no examples of {cfg.split!r}")
+  if cfg.shuffle:
+    ds = ds.shuffle(seed=cfg.seed)
+  ds = ds.repeat(cfg.num_epochs)
+  fn = preprocess or Preprocess(cfg)
+  ds = ds.random_map(_RandomPreprocess(fn), seed=cfg.seed) if cfg.random_flip else ds.map(fn)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+  it = it.filter(lambda x: x is not None).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
+  if cfg.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+  return it
+
+
+def make_loader(cfg: LoaderConfig, process_index: int | None = None, process_count: int | None = None):
+  """An iterator over this host's batches; defaults to jax.process_index()/process_count()."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  return iter(make_dataset(cfg, process_index, process_count))
