@@ -15,6 +15,8 @@ setup(
         "orbax-checkpoint",
         "ml-collections",
         "tensorflow-datasets",
+        "importlib_resources",   # tfds needs it without TensorFlow
+        "pyarrow",
         "grain",
         "transformers>=4.52",
         "diffusers",

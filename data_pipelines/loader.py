@@ -61,6 +61,14 @@ class Preprocess:
     self.skipped = collections.Counter()
     self._lock = threading.Lock()
 
+  # Worker processes receive a pickled copy (each counts its own skips).
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def _skip(self, reason: str, key) -> None:
     with self._lock:
       self.skipped[reason] += 1
@@ -133,6 +141,9 @@ def make_dataset(cfg: LoaderConfig, process_index: int = 0, process_count: int =
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
   it = it.filter(lambda x: x is not None).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
   if cfg.worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app, use defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   return it
 
