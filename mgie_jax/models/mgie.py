@@ -1,0 +1,125 @@
+"""MGIE: LLaVA writes the expressive instruction and 8 visual tokens, the edit head turns their
+hidden states into a condition, an InstructPix2Pix UNet edits. Trained jointly:
+
+  L = L_ins (token cross-entropy over the targets) + 0.5 * L_edit (epsilon MSE)
+
+The training forward follows the official release (DESIGN.md 1.2-1.3): the [IMG] window starts
+one token before [IMG0]; the null condition is edit_head(zeros, e) with gradients; target latents
+are a VAE posterior sample x scaling, input latents the posterior mean, unscaled; CFG dropout
+drops the text for p < 2u and the image for u <= p < 3u (u = 0.05).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mgie_jax.diffusion.schedule import DDPMSchedule
+from mgie_jax.models.edit_head import EditHead, EditHeadConfig
+from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
+from mgie_jax.models.vae import AutoencoderKL, VAEConfig
+from mgie_jax.text.template import IGNORE_INDEX, NUM_IMG_TOKENS, gather_img_window, img_window_start
+
+
+@dataclasses.dataclass(frozen=True)
+class MGIEConfig:
+  llava: LlavaConfig
+  edit_head: EditHeadConfig
+  unet: UNetConfig
+  vae: VAEConfig
+  img_token_id: int                  # id of [IMG0]; [IMG0..7] are contiguous
+  ins_loss_weight: float = 1.0
+  edit_loss_weight: float = 0.5
+  uncond_prob: float = 0.05          # CFG dropout unit u
+  beta_schedule: str = "scaled_linear"
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  num_train_timesteps: int = 1000
+  prediction_type: str = "epsilon"
+
+  def schedule(self) -> DDPMSchedule:
+    return DDPMSchedule.create(self.beta_schedule, self.num_train_timesteps, self.beta_start,
+                               self.beta_end, self.prediction_type)
+
+
+class Draws(NamedTuple):
+  """Every random number one training step uses, drawn up front (so a reference can reuse them)."""
+  p: jax.Array                # [B] uniform: CFG dropout
+  t: jax.Array                # [B] int timesteps
+  noise: jax.Array            # [B, h, w, c] diffusion noise
+  posterior: jax.Array        # [B, h, w, c] N(0, 1) for the VAE posterior sample
+
+
+def sample_draws(key, batch: int, latent_shape, num_train_timesteps: int = 1000) -> Draws:
+  k = jax.random.split(key, 4)
+  shape = (batch,) + tuple(latent_shape)
+  return Draws(jax.random.uniform(k[0], (batch,)),
+               jax.random.randint(k[1], (batch,), 0, num_train_timesteps),
+               jax.random.normal(k[2], shape), jax.random.normal(k[3], shape))
+
+
+def token_cross_entropy(logits, labels):
+  """Mean next-token CE over the batch's target tokens (labels != IGNORE_INDEX)."""
+  logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+  mask = labels != IGNORE_INDEX
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
+  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+class MGIE(nnx.Module):
+
+  def __init__(self, cfg: MGIEConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.mllm = LlavaForConditionalGeneration(cfg.llava, rngs=rngs)
+    self.edit_head = EditHead(cfg.edit_head, rngs=rngs)
+    self.unet = UNet2DConditionModel(cfg.unet, rngs=rngs)
+    self.vae = AutoencoderKL(cfg.vae, rngs=rngs)
+
+  @classmethod
+  def from_parts(cls, cfg: MGIEConfig, mllm, edit_head, unet, vae) -> "MGIE":
+    """Assemble from loaded parts (no initialisation of anything)."""
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    model.mllm, model.edit_head, model.unet, model.vae = mllm, edit_head, unet, vae
+    return model
+
+  def img_embeddings(self):
+    """e: the input embeddings of [IMG0..7], [8, D] (trained with the embedding table)."""
+    table = self.mllm.language_model.model.embed_tokens.embedding[...]
+    return jax.lax.dynamic_slice_in_dim(table, self.config.img_token_id, NUM_IMG_TOKENS, axis=0)
+
+  def conditions(self, hidden, input_ids):
+    """(U, null): edit-head conditions from the [IMG] window of `hidden` and the null condition."""
+    start = img_window_start(input_ids, self.config.img_token_id)
+    h = gather_img_window(hidden, jnp.maximum(start, 0))
+    e = self.img_embeddings().astype(h.dtype)
+    return self.edit_head(h, e), self.edit_head(jnp.zeros_like(h), e)
+
+  def losses(self, batch: dict, draws: Draws) -> dict:
+    """The joint training loss of one batch; returns loss, ins (L_ins) and edit (L_edit)."""
+    cfg = self.config
+    out = self.mllm(batch["input_ids"], batch["clip_image"], attention_mask=batch["attention_mask"])
+    l_ins = token_cross_entropy(out.logits, batch["labels"])
+    cond, null = self.conditions(out.hidden_states, batch["input_ids"])
+
+    frozen_vae = jax.lax.stop_gradient
+    target_post = self.vae.encode(batch["edited_image"])
+    latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * cfg.vae.scaling_factor
+    image_latents = frozen_vae(self.vae.encode(batch["input_image"]).mean)
+    noisy = cfg.schedule().add_noise(latents, draws.noise, draws.t)
+
+    u = cfg.uncond_prob
+    drop_text = (draws.p < 2 * u)[:, None, None]
+    drop_image = ((draws.p >= u) & (draws.p < 3 * u))[:, None, None, None]
+    cond = jnp.where(drop_text, null, cond)
+    image_latents = jnp.where(drop_image, 0.0, image_latents)
+    pred = self.unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
+    target = cfg.schedule().target(latents, draws.noise, draws.t)
+    l_edit = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
+    loss = cfg.ins_loss_weight * l_ins + cfg.edit_loss_weight * l_edit
+    return {"loss": loss, "ins": l_ins, "edit": l_edit}
