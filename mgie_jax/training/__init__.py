@@ -1,0 +1,1 @@
+"""Training: model building, optimizer, sharded train state and step, checkpoints, FLOP accounting."""
