@@ -6,7 +6,7 @@ setup(
     description="JAX/Flax NNX training pipeline for MGIE (MLLM-guided instruction-based image editing)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["mgie_jax", "mgie_jax.*", "data_pipelines", "data_pipelines.*"]),
+    packages=find_packages(include=["mgie_jax", "mgie_jax.*", "data_pipelines", "data_pipelines.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -43,6 +43,8 @@ def get_config(arg=None):
       tokenizer="",                        # "" = the synthetic dataset's tokenizer
       synthetic=dict(prompts=96, seeds=2, size=64),
       resolution=32, max_length=96, num_threads=4, worker_count=0,
+      shards=0,                            # data shards (0: one per process); fix it to make runs
+                                           # on different host counts read identical batches
   )
 
   c.train = dict(

@@ -2,7 +2,8 @@
 
   source -> this host's disjoint slice -> seeded shuffle (new order each epoch) -> repeat
   -> decode + MGIE preprocessing + tokenisation (bad records counted and skipped)
-  -> per-host batches -> threads (and optionally worker processes) prefetching.
+  -> per-shard batches -> threads (and optionally worker processes) prefetching
+  -> this host's shards concatenated (HostLoader).
 
 Batches are dicts of numpy arrays:
   key          bytes [B]                     (the record's key, for tracing; not for the device)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import threading
 
@@ -124,15 +126,15 @@ def open_source(data_dir: str, split: str):
   return builder.as_data_source(split)
 
 
-def make_dataset(cfg: LoaderConfig, process_index: int = 0, process_count: int = 1,
+def make_dataset(cfg: LoaderConfig, shard_index: int = 0, shard_count: int = 1,
                  preprocess: Preprocess | None = None) -> grain.IterDataset:
-  """The per-host pipeline as a grain IterDataset (checkpointable when iterated)."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
+  """One data shard's pipeline as a grain IterDataset (checkpointable when iterated)."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
   source = open_source(cfg.data_dir, cfg.split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
   if len(ds) == 0:
-    raise ValueError(f"host {process_index}/{process_count} gets no examples of {cfg.split!r}")
+    raise ValueError(f"data shard {shard_index}/{shard_count} gets no examples of {cfg.split!r}")
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
@@ -148,9 +150,56 @@ def make_dataset(cfg: LoaderConfig, process_index: int = 0, process_count: int =
   return it
 
 
-def make_loader(cfg: LoaderConfig, process_index: int | None = None, process_count: int | None = None):
-  """An iterator over this host's batches; defaults to jax.process_index()/process_count()."""
+class HostLoader:
+  """This host's batches: the concatenation of its data shards' batches.
+
+  The global batch is fixed by the number of data shards, not by the number of hosts reading
+  them: with S shards, shard s contributes examples s, s + S, ... in its own shuffled order,
+  B / S of them per global batch. Any process count dividing S reads the same global batches,
+  so a run on 2 hosts reproduces a run on 1. Checkpointable through grain's Orbax handler.
+  """
+
+  def __init__(self, iterators):
+    self.iterators = list(iterators)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self.iterators]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+  def set_state(self, state) -> None:
+    states = json.loads(state)
+    if len(states) != len(self.iterators):
+      raise ValueError(f"iterator state holds {len(states)} shards, this host reads {len(self.iterators)}")
+    for it, st in zip(self.iterators, states):
+      it.set_state(st)
+
+  def start_prefetch(self) -> None:
+    for it in self.iterators:
+      if hasattr(it, "start_prefetch"):
+        it.start_prefetch()
+
+
+def make_loader(cfg: LoaderConfig, process_index: int | None = None, process_count: int | None = None,
+                data_shards: int = 0) -> HostLoader:
+  """This host's batch iterator (cfg.batch_size per host); data_shards=0 means one per process."""
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
-  return iter(make_dataset(cfg, process_index, process_count))
+  shards = data_shards or process_count
+  if shards % process_count:
+    raise ValueError(f"data_shards {shards} must be a multiple of the process count {process_count}")
+  mine = shards // process_count
+  if cfg.batch_size % mine:
+    raise ValueError(f"per-host batch {cfg.batch_size} does not split over {mine} data shards")
+  shard_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // mine)
+  preprocess = Preprocess(cfg)
+  return HostLoader(iter(make_dataset(shard_cfg, process_index * mine + i, shards, preprocess))
+                    for i in range(mine))

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -53,21 +54,13 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID")):
     jax.distributed.initialize()
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
   from flax import nnx
-  from jax.sharding import NamedSharding
 
-  from data_pipelines.loader import LoaderConfig, make_dataset
-  from mgie_jax import parallel
-  from mgie_jax.models.mgie import MGIE, sample_draws
-  from mgie_jax.text import LlamaTokenizer
+  from data_pipelines.loader import LoaderConfig, make_loader
   from mgie_jax.training import flops as flops_lib
-  from mgie_jax.training import model as model_lib
   from mgie_jax.training.checkpoint import Checkpointer, abstract_with_shardings
-  from mgie_jax.training.optim import make_optimizer
-  from mgie_jax.training.state import TrainState, cast_tree, split_model, state_shardings
+  from mgie_jax.training.setup import make_setup, tokenizer_dir
+  from mgie_jax.training.step import batch_sharding, jit_train_step
 
   c = FLAGS.config
   workdir = os.path.abspath(FLAGS.workdir)
@@ -81,45 +74,16 @@ def main(argv):
     raise ValueError(f"batch_size {c.train.batch_size} must divide over {jax.process_count()} processes")
 
   # --- data -----------------------------------------------------------------------------------
-  data_dir, tok_dir = c.data.dir, c.data.tokenizer or (c.get("pretrained", {}).get("llava") or "")
+  data_dir = c.data.dir
   if not data_dir:
-    data_dir, synthetic_tok = _synthetic_dataset(c, workdir, lead)
-    tok_dir = tok_dir or synthetic_tok
-  if not tok_dir:
-    raise ValueError("set config.data.tokenizer (a folder with tokenizer.model)")
-  tok = LlamaTokenizer.from_pretrained(tok_dir)
+    data_dir = _synthetic_dataset(c, workdir, lead)
+  tok_dir = tokenizer_dir(c, workdir)
 
-  # --- model, optimizer, shardings ---------------------------------------------------------------
-  mesh = parallel.make_mesh(**dict(c.mesh))
-  rules = tuple(tuple(r) for r in c.rules)
-  if c.model.init == "random":
-    mcfg = model_lib.random_config(c, tok)
-    host_model = None
-    abstract = nnx.eval_shape(lambda: MGIE(mcfg, rngs=nnx.Rngs(c.seed)))
-  else:
-    host_model = model_lib.load_pretrained(c, tok)
-    mcfg, abstract = host_model.config, host_model
-  parts = split_model(abstract, c.trainable)
-  params_abstract = nnx.to_pure_dict(parts.trainable_template)
-  tx, schedules = make_optimizer(c.train, params_abstract)
-  state_sh, frozen_sh = state_shardings(parts, tx, mesh, rules)
-  frozen_dtype = jnp.dtype(c.model.frozen_dtype)
-
-  def init_state():
-    if host_model is None:
-      model = MGIE(mcfg, rngs=nnx.Rngs(c.seed))
-      _, trainable, frozen = nnx.split(model, _filter(c.trainable), ...)
-      params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
-    else:
-      params, frozen = nnx.to_pure_dict(parts.trainable_template), nnx.to_pure_dict(parts.frozen_template)
-    params = cast_tree(params, jnp.float32)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.key_data(jax.random.key(c.seed)))
-    return state, cast_tree(frozen, frozen_dtype)
-
-  with jax.set_mesh(mesh):
-    abstract_state, abstract_frozen = jax.eval_shape(init_state)
-  abstract_state = abstract_with_shardings(abstract_state, state_sh)
+  # --- model, optimizer, shardings, state ---------------------------------------------------------
+  run = make_setup(c, tok_dir)
+  mesh, rules, mcfg, parts, tok = run.mesh, run.rules, run.mcfg, run.parts, run.tok
+  state_sh, frozen_sh, tx, schedules = run.state_sh, run.frozen_sh, run.tx, run.schedules
+  abstract_state = run.abstract_state()
 
   ckpt = Checkpointer(workdir, every=c.checkpoint.every, keep=c.checkpoint.keep,
                       async_save=c.checkpoint.async_save)
@@ -128,54 +92,30 @@ def main(argv):
                             clip_resolution=mcfg.llava.vision.image_size, tokenizer=tok_dir,
                             max_length=c.data.max_length, num_image_tokens=mcfg.llava.num_image_tokens,
                             seed=c.seed, num_threads=c.data.num_threads, worker_count=c.data.worker_count)
-  data_iter = iter(make_dataset(loader_cfg, jax.process_index(), jax.process_count()))
+  data_iter = make_loader(loader_cfg, jax.process_index(), jax.process_count(), c.data.shards)
 
   start = ckpt.latest_step()
   if start is not None:
     log.info("resuming from %s step %d", ckpt.directory, start)
     state = ckpt.restore(abstract_state, data_iter)
-    frozen = _frozen_on_mesh(host_model, parts, init_state, frozen_sh, frozen_dtype, mesh, jax)
+    frozen = run.frozen()
   else:
     start = 0
-    if host_model is None:
-      with jax.set_mesh(mesh):
-        state, frozen = jax.jit(init_state, out_shardings=(state_sh, frozen_sh))()
-    else:
-      frozen = _frozen_on_mesh(host_model, parts, init_state, frozen_sh, frozen_dtype, mesh, jax)
-      with jax.set_mesh(mesh):
-        state = jax.jit(lambda: init_state()[0], out_shardings=state_sh)()
-  del host_model
+    state, frozen = run.new_state()
+  run.host_model = None     # the host copy of pretrained weights is no longer needed
 
   # --- the train step -------------------------------------------------------------------------
-  batch_sh = NamedSharding(mesh, parallel.logical_to_spec(("batch",), rules))
-  factor = 2 ** (len(mcfg.vae.block_out_channels) - 1)
-  latent_shape = (c.data.resolution // factor,) * 2 + (mcfg.vae.latent_channels,)
-
-  def train_step(state, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    draws = sample_draws(key, batch["input_ids"].shape[0], latent_shape, mcfg.num_train_timesteps)
-
-    def loss_fn(params):
-      with parallel.activate(mesh, rules):
-        out = parts.merge(params, frozen).losses(batch, draws)
-      return out["loss"], out
-
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**out, "grad_norm": optax.global_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
+  batch_sh = batch_sharding(run)
   batch_abstract = _batch_abstract(per_host * jax.process_count(), c, mcfg, batch_sh, jax)
-  jitted = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, NamedSharding(mesh, parallel.P())), donate_argnums=(0,))
+  jitted = jit_train_step(run, c.data.resolution)
   t0 = time.time()
   with jax.set_mesh(mesh):
     compiled = jitted.lower(abstract_state, abstract_with_shardings(frozen, frozen_sh), batch_abstract).compile()
   log.info("compiled the train step in %.1f s; memory per device: %s", time.time() - t0,
            _memory_report(compiled))
-  flops = flops_lib.mgie_flops_per_sample(parts.merge(params_abstract, nnx.to_pure_dict(parts.frozen_template)),
-                                          c.data.max_length, c.data.resolution)
+  flops = flops_lib.mgie_flops_per_sample(
+      parts.merge(nnx.to_pure_dict(parts.trainable_template), nnx.to_pure_dict(parts.frozen_template)),
+      c.data.max_length, c.data.resolution)
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
@@ -184,6 +124,7 @@ def main(argv):
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   preempted = Preempted()
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
   total = c.train.steps * c.train.grad_accum
   config_json = json.loads(c.to_json_best_effort())
   bar = _progress(lead, start, total)
@@ -214,6 +155,8 @@ def main(argv):
       if peak:
         row["mfu"] = tflops / peak
       if lead:
+        metrics_file.write(json.dumps({"step": step, **row}) + "\n")
+        metrics_file.flush()
         bar.set_postfix(loss=f"{row['loss']:.4f}", ins=f"{row['ins']:.4f}", edit=f"{row['edit']:.4f}")
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())))
         if writer:
@@ -235,24 +178,11 @@ def main(argv):
   bar.close()
   if writer:
     writer.close()
+  if metrics_file:
+    metrics_file.close()
   log.info("%s at step %d; checkpoints in %s", status, step, ckpt.directory)
   if status == "nan":
     sys.exit(1)
-
-
-def _filter(prefixes):
-  from mgie_jax.training.state import trainable_filter
-  return trainable_filter(prefixes)
-
-
-def _frozen_on_mesh(host_model, parts, init_state, frozen_sh, frozen_dtype, mesh, jax):
-  """Frozen towers are not checkpointed: rebuilt from their source (seeded init or pretrained)."""
-  from flax import nnx
-  from mgie_jax.training.state import cast_tree
-  if host_model is None:
-    with jax.set_mesh(mesh):
-      return jax.jit(lambda: init_state()[1], out_shardings=frozen_sh)()
-  return jax.device_put(cast_tree(nnx.to_pure_dict(parts.frozen_template), frozen_dtype), frozen_sh)
 
 
 def _batch_abstract(batch, c, mcfg, sharding, jax):
@@ -297,8 +227,7 @@ def _synthetic_dataset(c, workdir, lead):
   builder = build(src, out, "folder", os.path.join(src, "expressive.json")) if lead else None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic dataset built")
-  path = builder.data_dir if builder else os.path.join(out, "ipr2pr", "folder", "1.0.0")
-  return str(path), os.path.join(src, "tokenizer")
+  return str(builder.data_dir if builder else os.path.join(out, "ipr2pr", "folder", "1.0.0"))
 
 
 def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, lead, mesh):
@@ -325,8 +254,6 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, 
     grid.save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
     log.info("samples at step %d: %s", step, " | ".join(texts))
 
-
-import numpy as np  # noqa: E402  (used by helpers above)
 
 if __name__ == "__main__":
   app.run(main)

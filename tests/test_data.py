@@ -347,3 +347,22 @@ def test_worker_processes_are_deterministic_and_restorable(synthetic_built):
     np.testing.assert_array_equal(x["key"], y["key"])
     np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
   assert {k.decode() for b in first + following for k in b["key"]} <= set(keys_of(builder, "train"))
+
+
+def test_host_loader_batches_do_not_depend_on_the_process_count(synthetic_built, tmp_path):
+  """2 data shards read by 1 process give the same global batches as 2 processes, 1 shard each."""
+  from data_pipelines.loader import make_loader
+  root, builder = synthetic_built
+  one = make_loader(loader_cfg(builder, root, tokenizer=None), 0, 1, data_shards=2)
+  hosts = [make_loader(loader_cfg(builder, root, tokenizer=None, batch_size=2), i, 2, data_shards=2) for i in (0, 1)]
+  for _ in range(3):
+    glob = next(one)
+    parts = [next(h) for h in hosts]
+    np.testing.assert_array_equal(glob["key"], np.concatenate([p["key"] for p in parts]))
+  state = one.get_state()
+  want = next(one)
+  again = make_loader(loader_cfg(builder, root, tokenizer=None), 0, 1, data_shards=2)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["key"], want["key"])
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    make_loader(loader_cfg(builder, root), 0, 2, data_shards=3)

@@ -1,0 +1,207 @@
+"""The trainer: overfitting, sharded steps equal single-device ones, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from data_pipelines import synthetic
+from data_pipelines.ipr2pr import build
+from data_pipelines.loader import LoaderConfig, make_dataset
+from mgie_jax.training.checkpoint import Checkpointer
+from mgie_jax.training.setup import make_setup
+from mgie_jax.training.step import batch_sharding, jit_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("train_data"))
+  synthetic.write_dataset(root, prompts=24, seeds=2, size=64)
+  builder = build(root, os.path.join(root, "tfds"), "folder", os.path.join(root, "expressive.json"))
+  return str(builder.data_dir), os.path.join(root, "tokenizer")
+
+
+def config(data, **train):
+  c = tiny.get_config()
+  c.data.dir, c.data.tokenizer = data
+  c.data.num_threads = 2
+  c.log.sample_every = 0
+  c.train.update(train)
+  return c
+
+
+def host_batch(c, run, n=1, seed=0):
+  cfg = LoaderConfig(data_dir=c.data.dir, batch_size=c.train.batch_size, resolution=c.data.resolution,
+                     clip_resolution=run.mcfg.llava.vision.image_size, tokenizer=c.data.tokenizer,
+                     max_length=c.data.max_length, num_image_tokens=run.mcfg.llava.num_image_tokens,
+                     seed=seed, num_threads=2)
+  it = iter(make_dataset(cfg))
+  out = [next(it) for _ in range(n)]
+  for b in out:
+    b.pop("key")
+  return out
+
+
+def device_batch(run, host):
+  sh = batch_sharding(run)
+  return {k: jax.device_put(v, sh) for k, v in host.items()}
+
+
+def test_overfitting_one_batch_drives_both_losses_down_10x(data):
+  c = config(data, lr_mllm=3e-3, lr_diffusion=1e-3, warmup_frac=0.02, steps=250)
+  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, frozen = run.new_state()
+  step = jit_train_step(run, c.data.resolution, fixed_draws=True)
+  batch = device_batch(run, host_batch(c, run)[0])
+  first = None
+  for _ in range(c.train.steps):
+    state, m = step(state, frozen, batch)
+    first = first or {k: float(v) for k, v in m.items()}
+  last = {k: float(v) for k, v in m.items()}
+  assert last["ins"] <= first["ins"] / 10, (first, last)
+  assert last["edit"] <= first["edit"] / 10, (first, last)
+
+
+def flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=4, tensor=1)])
+def test_sharded_step_equals_single_device(data, mesh):
+  c = config(data)
+  one = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  host = host_batch(c, one)[0]
+  s1, f1 = one.new_state()
+  s1, m1 = jit_train_step(one, c.data.resolution)(s1, f1, device_batch(one, host))
+  c8 = config(data)
+  c8.mesh = mesh
+  eight = make_setup(c8, c.data.tokenizer)
+  s8, f8 = eight.new_state()
+  s8, m8 = jit_train_step(eight, c.data.resolution)(s8, f8, device_batch(eight, host))
+  for k in ("loss", "ins", "edit", "grad_norm"):
+    assert abs(float(m8[k]) - float(m1[k])) <= 1e-5 * max(1.0, abs(float(m1[k]))), k
+  a, b = flat(s1.params), flat(s8.params)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert np.abs(a[k] - b[k]).max() <= 1e-5 * max(1.0, float(np.abs(a[k]).max())), k
+  # Parameters and Adam moments are placed per the rules.
+  q = s8.params["unet"]["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+  want = jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert q.sharding.spec == want
+  mu = s8.opt_state[1].inner_states["diffusion"].inner_state[0].mu
+  assert mu["unet"]["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"].sharding.spec == want
+  emb = s8.params["mllm"]["language_model"]["model"]["embed_tokens"]["embedding"]
+  assert emb.sharding.spec[1] == "fsdp"
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
+def test_restore_onto_a_different_mesh(data, tmp_path):
+  c = config(data)
+  one = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, frozen = one.new_state()
+  state, _ = jit_train_step(one, c.data.resolution)(state, frozen, device_batch(one, host_batch(c, one)[0]))
+  ckpt = Checkpointer(str(tmp_path), every=1, keep=2, async_save=True)
+  ckpt.save(1, state, None, {"note": "test"}, force=True)
+  ckpt.close()
+  c8 = config(data)
+  c8.mesh = dict(data=1, fsdp=4, tensor=2)
+  eight = make_setup(c8, c.data.tokenizer)
+  restored = Checkpointer(str(tmp_path), every=1, keep=2).restore(eight.abstract_state(), None)
+  a, b = flat(state), flat(restored)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  kernel = restored.params["unet"]["conv_in"]["kernel"]
+  assert kernel.sharding.mesh.shape == eight.mesh.shape and kernel.sharding.spec[2] == "fsdp"
+
+
+def test_failing_restore_says_why(data, tmp_path):
+  c = config(data)
+  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, _ = run.new_state()
+  ckpt = Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+  ckpt.save(3, state, None, {}, force=True)
+  ckpt.close()
+  c2 = config(data)
+  c2.model.unet.block_out_channels = (16, 32)            # a different model
+  other = make_setup(c2, c.data.tokenizer, devices=jax.devices()[:1])
+  from mgie_jax.training.checkpoint import RestoreError
+  with pytest.raises(RestoreError, match="cannot restore checkpoint step 3"):
+    Checkpointer(str(tmp_path), every=1, keep=2).restore(other.abstract_state(), None)
+
+
+# --- the command line: kill -9 and resume, several processes --------------------------------------
+
+def train_cmd(workdir, data, *extra):
+  return [sys.executable, "-m", "mgie_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.dir={data[0]}", f"--config.data.tokenizer={data[1]}", "--config.log.every=1",
+          "--config.log.sample_every=0", "--config.log.tensorboard=False", "--config.data.num_threads=2",
+          "--config.checkpoint.every=5", "--config.train.steps=14", *extra]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: (r["loss"], r["ins"], r["edit"]) for r in rows}
+
+
+def env(devices=1):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def test_sigkill_then_same_command_resumes_exactly(data, tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(train_cmd(straight, data), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(train_cmd(killed, data), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(killed, "metrics.jsonl")) and max(losses(killed), default=0) >= 8:
+      break
+    if proc.poll() is not None:
+      pytest.fail("training exited before it could be killed")
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(losses(killed))
+  assert killed_at < 14
+  ckpts = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
+  assert ckpts and max(ckpts) <= killed_at
+  subprocess.run(train_cmd(killed, data), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+  want, got = losses(straight), losses(killed)
+  assert max(got) == 14
+  for step in range(max(ckpts) + 1, 15):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_two_processes_match_one_process(data, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed over loopback) give the same losses as 1 x 8."""
+  one = str(tmp_path / "one")
+  mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=4", "--config.data.shards=2"]
+  subprocess.run(train_cmd(one, data, *mesh), cwd=ROOT, env=env(8), check=True, capture_output=True, timeout=600)
+  two = str(tmp_path / "two")
+  import portpicker
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(train_cmd(two, data, *mesh, f"--coordinator_address=127.0.0.1:{port}",
+                                      "--num_processes=2", f"--process_id={i}"),
+                            cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  want, got = losses(one), losses(two)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
