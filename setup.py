@@ -26,12 +26,13 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "tensorboardX",
         "absl-py",
     ],
     extras_require={
         # torch is only needed for .bin/.pt import and the PyTorch reference tests;
         # pinned so that pip takes the CPU build instead of a multi-GB CUDA one.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest", "scikit-image", "torch==2.13.0"],
+        "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0"],
     },
 )

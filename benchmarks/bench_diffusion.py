@@ -10,10 +10,7 @@ and the ratio torch / ours (>1: we are faster).
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
-import time
 
 import diffusers
 import jax
@@ -22,17 +19,9 @@ import numpy as np
 import torch
 from flax import nnx
 
+from common import machine, table, timeit
+
 from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
-
-
-def timeit(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -94,14 +83,10 @@ def main():
   t_ours = timeit(lambda: encode(vs, jnp.asarray(img.transpose(0, 2, 3, 1))).block_until_ready(), a.repeats)
   rows.append((f"VAE encode {a.image}px", t_torch, t_ours))
 
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)")
+  print(machine())
   print(f"config: UNet blocks {(w, 2 * w, 4 * w, 4 * w)}, {a.heads} heads, 2 layers/block, cross-attn 768x77, "
         f"latents {a.latent}x{a.latent}x8, batch {a.batch}; VAE same widths; fp32")
-  print(f"{'what':46s} {'torch s':>9s} {'ours s':>9s} {'torch/ours':>10s}")
-  for name, tt, to in rows:
-    print(f"{name:46s} {tt:9.4f} {to:9.4f} {tt / to:10.2f}")
+  table(rows)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,7 @@ run in fp32. Prints median wall time per call and the ratio torch / ours (>1: we
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +17,10 @@ import torch
 import transformers
 from flax import nnx
 
+from common import machine, table, timeit
+
 from mgie_jax.generate import greedy_generate
 from mgie_jax.models import ClipVisionModel, LlamaForCausalLM
-
-
-def timeit(fn, repeats):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -86,13 +75,9 @@ def main():
                   max(1, a.repeats // 2))
   rows.append((f"greedy decode ({a.new} tokens, prompt 64)", t_torch, t_ours))
 
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)")
+  print(machine())
   print(f"config: {a.layers} layers, width {a.width}, batch {a.batch}, seq {a.seq}, fp32")
-  print(f"{'what':42s} {'torch s':>9s} {'ours s':>9s} {'torch/ours':>10s}")
-  for name, tt, to in rows:
-    print(f"{name:42s} {tt:9.4f} {to:9.4f} {tt / to:10.2f}")
+  table(rows)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ def main(argv):
       last_log, n_since = time.time(), 0
     if c.log.sample_every and step % c.log.sample_every == 0:
       _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, lead, mesh)
+      last_log = time.time()             # keep sampling time out of samples/s
     if preempted.flag or ckpt.manager.reached_preemption(step):
       log.warning("preempted at step %d: saving and exiting", step)
       ckpt.save(step, state, data_iter, config_json, force=True)
@@ -240,6 +241,9 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, 
   from mgie_jax.diffusion import SamplerConfig
   src = open_source(data_dir, "validation")
   recs = [src[i] for i in range(min(c.log.samples, len(src)))]
+  if not recs:
+    log.warning("no validation examples: skipping the sample grid")
+    return
   images = [Image.open(io.BytesIO(r["input_image"])).convert("RGB") for r in recs]
   instructions = [r["instruction"].decode() for r in recs]
   model = parts.merge(state.params, frozen)

@@ -76,14 +76,20 @@ def flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
-@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=4, tensor=1)])
-def test_sharded_step_equals_single_device(data, mesh):
+@pytest.fixture(scope="module")
+def single_device_step(data):
   c = config(data)
   one = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
   host = host_batch(c, one)[0]
   s1, f1 = one.new_state()
   s1, m1 = jit_train_step(one, c.data.resolution)(s1, f1, device_batch(one, host))
+  return c, host, s1, m1
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=4, tensor=1)])
+def test_sharded_step_equals_single_device(data, mesh, single_device_step):
+  c, host, s1, m1 = single_device_step
   c8 = config(data)
   c8.mesh = mesh
   eight = make_setup(c8, c.data.tokenizer)
@@ -205,3 +211,26 @@ def test_two_processes_match_one_process(data, tmp_path):
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_readme_main_command_trains_and_edit_edits_a_photograph(tmp_path):
+  """README: `python -m mgie_jax.train --config=configs/tiny.py --workdir=...`, then `mgie_jax.edit`."""
+  from PIL import Image
+  from skimage import data as skdata
+  workdir = str(tmp_path / "tiny")
+  subprocess.run([sys.executable, "-m", "mgie_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}"],
+                 cwd=ROOT, env=env(), check=True, capture_output=True, timeout=1200)
+  rows = losses(workdir)
+  assert max(rows) == 300 and "300" in os.listdir(os.path.join(workdir, "checkpoints"))
+  first, last = rows[min(rows)], rows[300]
+  assert last[1] < first[1] / 2 and last[2] < first[2], (first, last)     # it learned something
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000150.png", "step_0000300.png"]
+  photo = str(tmp_path / "astronaut.jpg")
+  Image.fromarray(skdata.astronaut()).save(photo)
+  out = subprocess.run([sys.executable, "-m", "mgie_jax.edit", f"--workdir={workdir}", f"--image={photo}",
+                        "--instruction=make the background blue", f"--out={tmp_path / 'edited.png'}",
+                        "--steps=10"], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+  text = out.stdout.decode()
+  assert "expressive instruction:" in text and "checkpoint step 300" in text
+  edited = Image.open(tmp_path / "edited.png")
+  assert edited.size == (32, 32) and edited.mode == "RGB"
