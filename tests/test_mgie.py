@@ -1,3 +1,5 @@
+import dataclasses
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -154,3 +156,45 @@ def test_mgie_loss_matches_pytorch_recomputation(torch_parts):
   other = nnx.jit(lambda m, b, d: m.losses(b, d))(
       model, {k: jnp.asarray(v) for k, v in batch.items()}, draws._replace(p=jnp.full((4,), 0.9)))
   assert abs(float(other["edit"]) - want_edit) > 1e-6
+
+
+def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_dir):
+  """configs/ipr2pr.py's loading path on tiny folders: LLaVA v1 + CLIP + an SD pipeline folder,
+  the vocabulary grown by the MGIE tokens (new rows ~ N(0, 0.02)), the UNet widened to 8 channels."""
+  import json
+  import os
+  from safetensors.torch import save_file
+  from configs import ipr2pr
+  from mgie_jax.text import LlamaTokenizer
+  from mgie_jax.training.model import load_pretrained
+  root, head, llava_t, unet_t, vae_t = torch_parts
+  # LLaVA v1 folder with a 400-token vocabulary (the tokenizer's SentencePiece size).
+  torch.manual_seed(3)
+  llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA, "vocab_size": 400})).eval()
+  sd = {k: v.contiguous() for k, v in llama.state_dict().items()}
+  sd["model.mm_projector.weight"] = torch.randn(64, TINY_CLIP["hidden_size"])
+  sd["model.mm_projector.bias"] = torch.zeros(64)
+  os.makedirs(tmp_path / "llava")
+  save_file(sd, tmp_path / "llava" / "model.safetensors")
+  with open(tmp_path / "llava" / "config.json", "w") as f:
+    json.dump({**llama.config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+               "mm_vision_select_layer": -2, "im_patch_token": 400}, f)
+  # SD-style folder: a 4-channel UNet and the VAE.
+  unet4 = diffusers.UNet2DConditionModel.from_config({**unet_t.config, "in_channels": 4})
+  unet4.save_pretrained(tmp_path / "sd" / "unet")
+  vae_t.save_pretrained(tmp_path / "sd" / "vae")
+  c = ipr2pr.get_config()
+  c.model.dtype = c.model.frozen_dtype = "float32"
+  c.model.remat = "none"
+  c.model.edit_head = {k: v for k, v in dataclasses.asdict(HEAD).items() if k not in ("dtype", "param_dtype")}
+  c.pretrained.llava, c.pretrained.vision_tower, c.pretrained.sd = str(tmp_path / "llava"), clip_dir[0], str(tmp_path / "sd")
+  tok = LlamaTokenizer.from_pretrained(sp_dir)
+  model = load_pretrained(c, tok)
+  emb = np.asarray(model.mllm.language_model.model.embed_tokens.embedding[...])
+  assert emb.shape == (len(tok), 64) == (411, 64)
+  np.testing.assert_array_equal(emb[:400], sd["model.embed_tokens.weight"].numpy())
+  assert 0.01 < emb[400:].std() < 0.03                       # new rows ~ N(0, 0.02)
+  assert model.mllm.language_model.lm_head.kernel.shape == (64, 411)
+  assert model.unet.config.in_channels == 8 and model.config.img_token_id == tok.token_to_id("[IMG0]")
+  assert (np.asarray(model.unet.conv_in.kernel[...])[:, :, 4:] == 0).all()
+  assert model.mllm.config.layout == "v1" and model.mllm.config.image_token_id == 400

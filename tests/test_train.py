@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,8 +168,11 @@ def env(devices=1):
   return e
 
 
-def test_sigkill_then_same_command_resumes_exactly(data, tmp_path):
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def killed_and_resumed(data, tmp_path_factory):
+  """An uninterrupted 14-step run, and the same command killed with SIGKILL mid-way then re-run."""
+  root = tmp_path_factory.mktemp("kill")
+  straight, killed = str(root / "straight"), str(root / "killed")
   subprocess.run(train_cmd(straight, data), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
   proc = subprocess.Popen(train_cmd(killed, data), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -182,14 +186,36 @@ def test_sigkill_then_same_command_resumes_exactly(data, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(killed))
-  assert killed_at < 14
   ckpts = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
-  assert ckpts and max(ckpts) <= killed_at
   subprocess.run(train_cmd(killed, data), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+  return straight, killed, killed_at, ckpts
+
+
+def test_sigkill_then_same_command_resumes_exactly(killed_and_resumed):
+  straight, killed, killed_at, ckpts = killed_and_resumed
+  assert killed_at < 14
+  assert ckpts and max(ckpts) <= killed_at
   want, got = losses(straight), losses(killed)
   assert max(got) == 14
   for step in range(max(ckpts) + 1, 15):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data, killed_and_resumed, tmp_path):
+  workdir = str(tmp_path / "nan")
+  shutil.copytree(killed_and_resumed[1], workdir)            # a finished 14-step run
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  before = {d: sorted(os.listdir(os.path.join(ckpt_dir, d))) for d in os.listdir(ckpt_dir)}
+  assert "14" in before
+  # Continue it with a poisoned loss weight: step 15 is NaN.
+  out = subprocess.run(train_cmd(workdir, data, "--config.train.steps=16", "--config.checkpoint.every=1",
+                                 "--config.train.edit_loss_weight=nan"),
+                       cwd=ROOT, env=env(), capture_output=True, timeout=600)
+  assert out.returncode == 1, out.stderr.decode()[-2000:]
+  assert ("loss is nan at step 15: stopping without saving; the last good checkpoint is step 14"
+          in out.stderr.decode())
+  after = {d: sorted(os.listdir(os.path.join(ckpt_dir, d))) for d in os.listdir(ckpt_dir)}
+  assert after == before
 
 
 def test_two_processes_match_one_process(data, tmp_path):

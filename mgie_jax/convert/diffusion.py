@@ -6,6 +6,8 @@ parameter paths by a short list of renames and a transform per parameter kind.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import re
@@ -72,9 +74,8 @@ def _widen(tensors, in_channels: int, source: str):
     return tensors
   if w.shape[1] > in_channels:
     raise CheckpointError(source, [f"conv_in has {w.shape[1]} input channels, cannot narrow to {in_channels}"])
-  widened = dict(tensors.items()) if not hasattr(tensors, "_where") else {k: tensors[k] for k in tensors}
-  widened["conv_in.weight"] = widen_conv_in_weight(w, in_channels)
-  return widened
+  # A lazy overlay: only conv_in is materialised, every other tensor is read when needed.
+  return collections.ChainMap({"conv_in.weight": widen_conv_in_weight(w, in_channels)}, tensors)
 
 
 def widen_conv_in_weight(w: np.ndarray, in_channels: int) -> np.ndarray:
@@ -86,7 +87,6 @@ def widen_conv_in_weight(w: np.ndarray, in_channels: int) -> np.ndarray:
 
 def widen_unet(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
   """InstructPix2Pix's widening: a copy of `unet` whose conv_in takes `in_channels` (extra ones zero)."""
-  import dataclasses
   cfg = dataclasses.replace(unet.config, in_channels=in_channels)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))))
   src = nnx.state(unet)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flax import nnx
 
 from mgie_jax.convert.checkpoint import open_weights
@@ -42,6 +44,6 @@ def edit_head_from_state_dict(path_or_tensors, cfg: EditHeadConfig = EditHeadCon
   """
   tensors = open_weights(path_or_tensors) if isinstance(path_or_tensors, str) else path_or_tensors
   source = path_or_tensors if isinstance(path_or_tensors, str) else "state dict"
-  ignore = () if not prefix else (rf"^(?!{prefix.replace('.', chr(92) + '.')})",)
+  ignore = (rf"^(?!{re.escape(prefix)})",) if prefix else ()     # keys outside the edit head
   return load_module(lambda: EditHead(cfg, rngs=nnx.Rngs(0)), tensors,
                      prefixed(edit_head_rules(cfg), prefix, ""), source=source, ignore=ignore)

@@ -3,6 +3,7 @@ global-norm clipping and gradient accumulation, over the trainable parameters on
 
 from __future__ import annotations
 
+import jax
 import optax
 
 
@@ -23,7 +24,6 @@ def make_optimizer(train_cfg, params):
                "diffusion": schedule(train_cfg.lr_diffusion, total, train_cfg.warmup_frac)}
   adam = lambda lr: optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
                                 weight_decay=train_cfg.weight_decay)
-  import jax
   # top-level keys are mllm / edit_head / unet
   labels = {k: jax.tree.map(lambda _, g=group_of((k,)): g, v) for k, v in params.items()}
   tx = optax.chain(
