@@ -27,6 +27,7 @@ setup(
         "pillow",
         "tqdm",
         "tensorboardX",
+        "matplotlib",           # evaluation plots
         "absl-py",
     ],
     extras_require={

@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.frozen_dtype = "bfloat16"
   c.model.remat = "full"
+  c.model.noise = {}      # {}: the schedule in <pretrained.sd>/scheduler/scheduler_config.json
   c.model.edit_head = dict(llm_dim=4096, width=512, heads=4, ffn=2048, encoder_layers=4, decoder_layers=4,
                            num_queries=77, out_dim=768)
   c.pretrained = dict(
@@ -41,7 +42,7 @@ def get_config(arg=None):
   c.train.lr_mllm = 5e-4                   # the paper: 5e-4 MLLM,
   c.train.lr_diffusion = 5e-4              # 1e-4 diffusion (the release used 5e-4 for both)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.checkpoint = dict(every=1000, keep=3, async_save=True)
+  c.checkpoint.update(every=1000, keep=3, async_save=True)
   c.log = dict(every=50, tensorboard=True, sample_every=5000, samples=4, sample_steps=50,
                sample_new_tokens=96)
   return c

@@ -6,6 +6,7 @@ The synthetic dataset and its tokenizer are generated into <workdir>/data on the
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mgie_jax.parallel import DEFAULT_RULES
 
@@ -33,6 +34,9 @@ def get_config(arg=None):
                 cross_attention_dim=32, norm_num_groups=8),
       vae=dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+      # The DDPM training schedule (SD's); inference samples on the same one.
+      noise=dict(beta_schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085,
+                 beta_end=0.012, prediction_type="epsilon"),
   )
   # Trained parameters, by path prefix (the release: embeddings, lm_head, edit head, UNet).
   c.trainable = ("mllm.language_model.model.embed_tokens", "mllm.language_model.lm_head",
@@ -48,7 +52,9 @@ def get_config(arg=None):
   )
 
   c.train = dict(
-      steps=300, batch_size=8, grad_accum=1,
+      steps=300,
+      batch_size=8,                        # global, per optimizer step
+      grad_accum=1,                        # micro-batches the batch is split into (memory)
       lr_mllm=1e-3, lr_diffusion=1e-3, warmup_frac=0.03, grad_clip=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       ins_loss_weight=1.0, edit_loss_weight=0.5,
@@ -57,7 +63,8 @@ def get_config(arg=None):
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.rules = DEFAULT_RULES
 
-  c.checkpoint = dict(every=50, keep=3, async_save=True)
+  c.checkpoint = dict(every=50, keep=3, async_save=True,
+                      restore_step=placeholder(int))   # restore this step instead of the latest
   c.log = dict(every=10, tensorboard=True, sample_every=150, samples=2, sample_steps=10,
                sample_new_tokens=24)
   return c

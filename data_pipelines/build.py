@@ -1,44 +1,135 @@
 """Build a dataset as TFDS ArrayRecord (a `tfds build`-style command that needs no TensorFlow).
 
   python -m data_pipelines.build ipr2pr --source folder --manual_dir /data/clip-filtered-dataset \\
-      --data_dir /data/tfds [--expressive /data/mgie_expressive.json]
-  python -m data_pipelines.build ipr2pr --source parquet --manual_dir /data/ipr2pr-parquet --data_dir /data/tfds
+      --data_dir /data/tfds --expressive /data/mgie_expressive.json
+  python -m data_pipelines.build ipr2pr --source parquet --manual_dir /data/ipr2pr-parquet --data_dir /data/tfds \\
+      --missing_expressive=instruction
   python -m data_pipelines.build synthetic --data_dir /data/tfds [--prompts 200 --seeds 2 --size 256]
+  python -m data_pipelines.build magicbrush --source parquet --manual_dir /data/MagicBrush --data_dir /data/tfds
+  python -m data_pipelines.build magicbrush --source folder --manual_dir /data/MagicBrush/test --data_dir /data/tfds
+  python -m data_pipelines.build evr|gier|ma5k --manual_dir /data/<release> --data_dir /data/tfds
 
 The synthetic dataset is generated into <data_dir>/synthetic_source (images, expressive.json and
-a tokenizer/) and built with the same IPr2Pr builder. Prints per-split counts of kept and
-skipped records; the counts are also saved in the dataset's metadata.
+a tokenizer/) and built with the same IPr2Pr builder. Prints per-split counts of kept, skipped
+(by reason) and converted (by image mode) records; the counts are also saved in the dataset's
+metadata. Rebuilding from another source is refused unless --overwrite is given. A mistake in
+the arguments is one line on stderr and exit code 2.
 """
 
 import argparse
 import json
 import os
+import sys
 
-from data_pipelines import synthetic
-from data_pipelines.ipr2pr import build
+from mgie_jax import errors
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("dataset", choices=["ipr2pr", "synthetic"])
+class Parser(argparse.ArgumentParser):
+  def error(self, message):   # one line, exit code 2 (argparse's own convention)
+    print(f"error: {message}; see --help", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(argv=None):
+  p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("dataset", choices=["ipr2pr", "synthetic", "magicbrush", "evr", "gier", "ma5k"])
   p.add_argument("--data_dir", required=True, help="where the TFDS dataset is written")
-  p.add_argument("--source", choices=["folder", "parquet"], default="folder")
-  p.add_argument("--manual_dir", help="the IPr2Pr source folder (ipr2pr only)")
+  p.add_argument("--source", choices=["folder", "parquet"], default=None,
+                 help="ipr2pr: folder (default) or parquet; magicbrush: parquet (train/dev, default) or "
+                      "folder (the test release)")
+  p.add_argument("--manual_dir", help="the source release's folder")
   p.add_argument("--expressive", help="MGIE expressive-instruction JSON keyed <folder>_<seed>_0")
+  p.add_argument("--missing_expressive", choices=["instruction", "skip"],
+                 help="examples without an expressive instruction: use the terse instruction as the "
+                      "target, or skip them (counted either way); required without --expressive")
+  p.add_argument("--overwrite", action="store_true", help="rebuild a dataset built from another source")
   p.add_argument("--prompts", type=int, default=200)
   p.add_argument("--seeds", type=int, default=2)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args()
+  p.add_argument("--verbose", action="store_true", help="tracebacks for user errors")
+  return p.parse_args(argv)
+
+
+def check(a) -> None:
+  """Everything about the arguments that can go wrong, before anything is read or written."""
+  from data_pipelines.ipr2pr.ipr2pr import load_expressive
   if a.dataset == "synthetic":
-    src = os.path.join(a.data_dir, "synthetic_source")
-    synthetic.write_dataset(src, a.prompts, a.seeds, a.size, a.seed)
-    builder = build(src, a.data_dir, "folder", os.path.join(src, "expressive.json"))
-    print(f"tokenizer: {os.path.join(src, 'tokenizer')}")
-  else:
-    if not a.manual_dir:
-      p.error("ipr2pr needs --manual_dir")
-    builder = build(a.manual_dir, a.data_dir, a.source, a.expressive)
+    return
+  if not a.manual_dir:
+    raise errors.FLAG_MISSING(detail=f"{a.dataset} needs --manual_dir")
+  if not os.path.isdir(a.manual_dir):
+    raise errors.SOURCE_MISSING(flag="--manual_dir", path=a.manual_dir)
+  if a.dataset != "ipr2pr":
+    return check_eval_source(a)
+  a.source = a.source or "folder"
+  if a.source == "folder" and not os.path.exists(os.path.join(a.manual_dir, "seeds.json")):
+    raise errors.NOT_A_RELEASE(path=a.manual_dir, what="an IPr2Pr folder release (no seeds.json)",
+                               flag="--manual_dir", needs="seeds.json and the prompt folders")
+  if a.source == "parquet" and not any(f.endswith(".parquet") for f in os.listdir(a.manual_dir)):
+    raise errors.NOT_A_RELEASE(path=a.manual_dir, what="a folder of IPr2Pr parquet files",
+                               flag="--manual_dir", needs="the *.parquet files")
+  if a.expressive:
+    if not os.path.isfile(a.expressive):
+      raise errors.BAD_JSON(flag="--expressive", path=a.expressive, detail="no such file",
+                            fix="give the JSON written by python -m data_pipelines.expressive")
+    try:
+      load_expressive(a.expressive)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise errors.BAD_JSON(flag="--expressive", path=a.expressive, detail=str(e).splitlines()[0][:200],
+                            fix="give a JSON object keyed <folder>_<seed>_0") from None
+  elif not a.missing_expressive:
+    raise errors.EXPRESSIVE_CHOICE()
+
+
+def check_eval_source(a) -> None:
+  from data_pipelines.eval_sets.magicbrush import _test_root
+  from data_pipelines.eval_sets.pairs import BUILDERS
+  if a.dataset == "magicbrush":
+    a.source = a.source or "parquet"
+    if a.source == "folder":
+      try:
+        _test_root(a.manual_dir)
+      except ValueError:
+        raise errors.NOT_A_RELEASE(path=a.manual_dir, what="the MagicBrush test release (no edit_sessions.json)",
+                                   flag="--manual_dir", needs="edit_sessions.json and images/") from None
+    return
+  builder = BUILDERS[a.dataset](data_dir=a.data_dir, file_format="array_record", source_dir=a.manual_dir)
+  if not builder._split_names():
+    raise errors.NOT_A_RELEASE(path=a.manual_dir, what=f"a {a.dataset} release (no split files)",
+                               flag="--manual_dir", needs=builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+
+def main(argv=None):
+  a = parse(argv)
+  try:
+    check(a)
+    run(a)
+  except errors.UserError as e:
+    if a.verbose:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(a):
+  from data_pipelines import synthetic
+  from data_pipelines.checked import SourceChanged
+  from data_pipelines.ipr2pr import build
+  try:
+    if a.dataset == "synthetic":
+      src = os.path.join(a.data_dir, "synthetic_source")
+      synthetic.write_dataset(src, a.prompts, a.seeds, a.size, a.seed)
+      builder = build(src, a.data_dir, "folder", os.path.join(src, "expressive.json"), overwrite=a.overwrite)
+      print(f"tokenizer: {os.path.join(src, 'tokenizer')}")
+    elif a.dataset == "ipr2pr":
+      builder = build(a.manual_dir, a.data_dir, a.source, a.expressive, a.missing_expressive,
+                      overwrite=a.overwrite)
+    else:
+      from data_pipelines.eval_sets import build as build_eval
+      builder = build_eval(a.dataset, a.manual_dir, a.data_dir, a.source or "parquet", overwrite=a.overwrite)
+  except SourceChanged as e:
+    raise errors.SOURCE_CHANGED(dataset=e.dataset, old=e.old, new=e.new) from None
   print(f"dataset: {builder.data_dir}")
   print(json.dumps({"splits": {k: v.num_examples for k, v in builder.info.splits.items()},
                     **dict(builder.info.metadata)}, indent=1))

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from data_pipelines.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
+from mgie_jax.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Preprocess:
     if cfg.tokenizer:
       from mgie_jax.text import LlamaTokenizer
       self.tokenizer = LlamaTokenizer.from_pretrained(cfg.tokenizer)
+      self._img0 = self.tokenizer.token_to_id("[IMG0]")
     self.skipped = collections.Counter()
     self._lock = threading.Lock()
 
@@ -101,6 +102,9 @@ class Preprocess:
                               num_image_tokens=self.cfg.num_image_tokens, max_length=self.cfg.max_length)
       except ValueError:
         self._skip("too_long", key)
+        return None
+      if self._img0 not in ex.input_ids:     # no [IMG] window: nothing for the edit head to read
+        self._skip("no_img_tokens", key)
         return None
       n = len(ex.input_ids)
       pad = self.cfg.max_length - n

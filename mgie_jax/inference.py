@@ -16,10 +16,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from data_pipelines.images import clip_view, mgie_square, to_model_range
 from mgie_jax.diffusion import SamplerConfig, edit_images, make_sampler
 from mgie_jax.generate import greedy_generate
-from mgie_jax.text import IMG_TOKENS, check_image_tokens, pad_batch, prompt_text
+from mgie_jax.images import clip_view, mgie_square, to_model_range
+from mgie_jax.text import IMG_TOKENS, check_image_tokens, img_window_start, pad_batch, prompt_text
 
 
 def prepare(images, resolution: int, clip_resolution: int):
@@ -52,7 +52,16 @@ def expressive_instructions(model, tok, clip_images, instructions, *, max_new_to
     texts.append(tok.decode(gen))
     full.append(prompt + gen + img_ids)
   ids, mask = pad_batch(full, max(map(len, full)), pad_id=0, side="left")
-  return texts, *_conditions(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(clip_images))
+  return texts, *conditions_for(model, ids, mask, clip_images)
+
+
+def conditions_for(model, ids, mask, clip_images):
+  """(U, null) for full sequences that end in [IMG0..7]; every row must hold [IMG0]."""
+  ids = np.asarray(ids)
+  missing = np.nonzero(img_window_start(ids, model.config.img_token_id) < 0)[0]
+  if missing.size:
+    raise ValueError(f"rows {missing.tolist()} hold no [IMG0]: there is no [IMG] window to read")
+  return _conditions(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(clip_images))
 
 
 @nnx.jit
@@ -62,14 +71,20 @@ def _conditions(model, ids, mask, clip_images):
   return model.conditions(out.hidden_states, ids)
 
 
+def default_sampler(model, kind: str = "euler_ancestral") -> SamplerConfig:
+  """MGIE's sampler (Euler-ancestral) on the noise schedule the model was trained with."""
+  return SamplerConfig(kind=kind, schedule=model.config.noise)
+
+
 def edit(model, tok, images, instructions, *, key, resolution: int = 512, steps: int = 100,
          text_scale: float = 7.5, image_scale: float = 1.5, sampler: SamplerConfig | None = None,
          max_new_tokens: int = 96):
-  """Edit PIL `images` by terse `instructions`; returns (uint8 [B, R, R, 3] edited images, texts)."""
+  """Edit PIL `images` by terse `instructions`; returns (uint8 [B, R, R, 3] edited images, texts).
+  `sampler` defaults to Euler-ancestral on the model's own noise schedule."""
   clip_res = model.config.llava.vision.image_size
   pixels, clip = prepare(images, resolution, clip_res)
   texts, cond, null = expressive_instructions(model, tok, clip, instructions, max_new_tokens=max_new_tokens)
-  sampler = make_sampler(sampler or SamplerConfig(kind="euler_ancestral"), steps)
+  sampler = make_sampler(sampler or default_sampler(model), steps)
   out = edit_images(model.unet, model.vae, sampler, jnp.asarray(pixels), cond, null, key=key,
                     text_scale=text_scale, image_scale=image_scale)
   return np.asarray(jnp.round(out * 255)).astype(np.uint8), texts

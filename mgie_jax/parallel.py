@@ -41,6 +41,18 @@ DEFAULT_RULES = (
 )
 
 
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """jax.distributed from explicit flags (CPU processes talk over gloo), or from the environment
+  of a TPU pod / SLURM job / JAX_COORDINATOR_ADDRESS; a single process needs nothing."""
+  import os
+  if coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID")):
+    jax.distributed.initialize()
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 and takes what is left."""
   devices = list(devices if devices is not None else jax.devices())

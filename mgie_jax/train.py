@@ -4,14 +4,15 @@
   python -m mgie_jax.train --config=configs/ipr2pr.py --workdir=DIR --config.train.batch_size=128
 
 Re-running with the same --workdir resumes from its latest checkpoint (model, optimizer, data
-iterator). SIGTERM (preemption) saves and exits; a NaN/Inf loss stops without saving.
-Multi-host: run the same command on every host; JAX's distributed runtime is initialised from
-the environment (TPU pods, SLURM, ...) or from --coordinator_address/--num_processes/--process_id.
+iterator); a finished run exits at once. SIGTERM (preemption) on any host saves the same step on
+every host and exits 0; a NaN/Inf loss stops without saving. Multi-host: run the same command on
+every host; JAX's distributed runtime is initialised from the environment (TPU pods, SLURM, ...)
+or from --coordinator_address/--num_processes/--process_id. Mistakes in the config or the inputs
+are reported in one line (exit code 2) before anything is built or compiled.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mgie_jax import cli, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -35,7 +38,7 @@ log = logging.getLogger("mgie_jax.train")
 
 
 class Preempted:
-  """Set by SIGTERM; checked once per step so the state is saved between steps."""
+  """Set by SIGTERM on this host; `agreed(step)` makes every host stop at the same step."""
 
   def __init__(self):
     self.flag = False
@@ -44,47 +47,67 @@ class Preempted:
   def _set(self, *_):
     self.flag = True
 
+  def agreed(self, step: int, ckpt) -> bool:
+    import jax
+    local = self.flag or ckpt.manager.reached_preemption(step)
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    # One tiny all-gather per step boundary: every host learns whether any host was told to stop.
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
+
 
 def main(argv):
   del argv
-  # --- setup ----------------------------------------------------------------------------------
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+  cli.quiet_libraries()     # Orbax, grain and JAX log every file and backend they touch
   import jax
-  if FLAGS.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID")):
-    jax.distributed.initialize()
+  from mgie_jax import parallel
+  parallel.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from mgie_jax.training import checkpoint as ckpt_lib
+  from mgie_jax.training.validate import check_training_config
+
+  c = FLAGS.config
+  workdir = FLAGS.workdir
+  lead = jax.process_index() == 0
+  # --- checks before anything is built --------------------------------------------------------
+  check_training_config(c, jax.device_count(), jax.process_count())
+  total = int(c.train.steps)
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  steps = ckpt_lib.saved_steps(directory)
+  restore_step = c.checkpoint.get("restore_step", None)
+  if restore_step is not None and restore_step not in steps:
+    raise errors.NO_STEP(directory=directory, step=restore_step, steps=", ".join(map(str, steps)) or "none")
+  if steps and restore_step is None and steps[-1] >= total:
+    log.info("the run in %s already finished (step %d of %d): nothing to do", workdir, steps[-1], total)
+    return
+  run_training(c, workdir, lead, restore_step)
+
+
+def run_training(c, workdir, lead, restore_step):
+  import jax
   from flax import nnx
 
   from data_pipelines.loader import LoaderConfig, make_loader
+  from mgie_jax.build import tokenizer_dir
   from mgie_jax.training import flops as flops_lib
   from mgie_jax.training.checkpoint import Checkpointer, abstract_with_shardings
-  from mgie_jax.training.setup import make_setup, tokenizer_dir
+  from mgie_jax.training.setup import make_setup
   from mgie_jax.training.step import batch_sharding, jit_train_step
 
-  c = FLAGS.config
-  workdir = os.path.abspath(FLAGS.workdir)
-  lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)     # Orbax and grain log every file they touch
+  if lead:
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
   log.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
-  if c.train.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {c.train.batch_size} must divide over {jax.process_count()} processes")
 
   # --- data -----------------------------------------------------------------------------------
-  data_dir = c.data.dir
-  if not data_dir:
-    data_dir = _synthetic_dataset(c, workdir, lead)
+  data_dir = c.data.dir or _synthetic_dataset(c, workdir, lead)
   tok_dir = tokenizer_dir(c, workdir)
 
   # --- model, optimizer, shardings, state ---------------------------------------------------------
   run = make_setup(c, tok_dir)
-  mesh, rules, mcfg, parts, tok = run.mesh, run.rules, run.mcfg, run.parts, run.tok
-  state_sh, frozen_sh, tx, schedules = run.state_sh, run.frozen_sh, run.tx, run.schedules
+  mesh, mcfg, parts, tok = run.mesh, run.mcfg, run.parts, run.tok
   abstract_state = run.abstract_state()
-
   ckpt = Checkpointer(workdir, every=c.checkpoint.every, keep=c.checkpoint.keep,
                       async_save=c.checkpoint.async_save)
   per_host = c.train.batch_size // jax.process_count()
@@ -93,24 +116,26 @@ def main(argv):
                             max_length=c.data.max_length, num_image_tokens=mcfg.llava.num_image_tokens,
                             seed=c.seed, num_threads=c.data.num_threads, worker_count=c.data.worker_count)
   data_iter = make_loader(loader_cfg, jax.process_index(), jax.process_count(), c.data.shards)
+  config_json = json.loads(c.to_json_best_effort())
 
-  start = ckpt.latest_step()
+  start = restore_step if restore_step is not None else ckpt.latest_step()
   if start is not None:
+    if restore_step is not None:
+      _set_aside_newer(ckpt, restore_step, lead)
     log.info("resuming from %s step %d", ckpt.directory, start)
-    state = ckpt.restore(abstract_state, data_iter)
+    state = ckpt.restore(abstract_state, data_iter, start, config=config_json)
     frozen = run.frozen()
   else:
     start = 0
     state, frozen = run.new_state()
-  run.host_model = None     # the host copy of pretrained weights is no longer needed
 
   # --- the train step -------------------------------------------------------------------------
   batch_sh = batch_sharding(run)
-  batch_abstract = _batch_abstract(per_host * jax.process_count(), c, mcfg, batch_sh, jax)
+  batch_abstract = _batch_abstract(c.train.batch_size, c, mcfg, batch_sh)
   jitted = jit_train_step(run, c.data.resolution)
   t0 = time.time()
   with jax.set_mesh(mesh):
-    compiled = jitted.lower(abstract_state, abstract_with_shardings(frozen, frozen_sh), batch_abstract).compile()
+    compiled = jitted.lower(abstract_state, abstract_with_shardings(frozen, run.frozen_sh), batch_abstract).compile()
   log.info("compiled the train step in %.1f s; memory per device: %s", time.time() - t0,
            _memory_report(compiled))
   flops = flops_lib.mgie_flops_per_sample(
@@ -125,57 +150,60 @@ def main(argv):
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   preempted = Preempted()
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
-  total = c.train.steps * c.train.grad_accum
-  config_json = json.loads(c.to_json_best_effort())
+  total = int(c.train.steps)
   bar = _progress(lead, start, total)
-  step, last_log, n_since = start, time.time(), 0
+  step, last_log, n_since, warned_no_img = start, time.time(), 0, False
   status = "finished"
-  while step < total:
-    host = next(data_iter)
-    host.pop("key", None)
-    batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in host.items()}
-    state, metrics = compiled(state, frozen, batch)
-    step += 1
-    n_since += 1
-    loss = float(metrics["loss"])          # one scalar per step: guards every save against NaN
-    if not np.isfinite(loss):
-      log.error("loss is %s at step %d: stopping without saving; the last good checkpoint is step %s "
-                "in %s", loss, step, ckpt.latest_step(), ckpt.directory)
-      status = "nan"
-      break
-    bar.update(1)
-    if step % c.log.every == 0 or step == total:
-      dt = time.time() - last_log
-      sps = n_since * c.train.batch_size / dt
-      tflops = sps * flops / jax.device_count() / 1e12
-      row = {k: float(v) for k, v in metrics.items()}
-      row.update(samples_per_s=sps, tflops_per_device=tflops,
-                 lr_mllm=float(schedules["mllm"](step // c.train.grad_accum)),
-                 lr_diffusion=float(schedules["diffusion"](step // c.train.grad_accum)))
-      if peak:
-        row["mfu"] = tflops / peak
-      if lead:
-        metrics_file.write(json.dumps({"step": step, **row}) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(loss=f"{row['loss']:.4f}", ins=f"{row['ins']:.4f}", edit=f"{row['edit']:.4f}")
-        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())))
-        if writer:
-          for k, v in row.items():
-            writer.add_scalar(f"train/{k}", v, step)
-      last_log, n_since = time.time(), 0
-    if c.log.sample_every and step % c.log.sample_every == 0:
-      _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, lead, mesh)
-      last_log = time.time()             # keep sampling time out of samples/s
-    if preempted.flag or ckpt.manager.reached_preemption(step):
-      log.warning("preempted at step %d: saving and exiting", step)
+  with cli.log_through(lead):
+    while step < total:
+      host = next(data_iter)
+      host.pop("key", None)
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in host.items()}
+      state, metrics = compiled(state, frozen, batch)
+      step += 1
+      n_since += 1
+      loss = float(metrics["loss"])          # one scalar per step: guards every save against NaN
+      if not np.isfinite(loss):
+        log.error("loss is %s at step %d: stopping without saving; the last good checkpoint is step %s "
+                  "in %s", loss, step, ckpt.latest_step(), ckpt.directory)
+        status = "nan"
+        break
+      bar.update(1)
+      if step % c.log.every == 0 or step == total:
+        dt = time.time() - last_log
+        sps = n_since * c.train.batch_size / dt
+        tflops = sps * flops / jax.device_count() / 1e12
+        row = {k: float(v) for k, v in metrics.items()}
+        row.update(samples_per_s=sps, tflops_per_device=tflops,
+                   lr_mllm=float(run.schedules["mllm"](step - 1)),
+                   lr_diffusion=float(run.schedules["diffusion"](step - 1)))
+        if peak:
+          row["mfu"] = tflops / peak
+        if row.get("no_img") and not warned_no_img:
+          log.warning("%d example(s) in this batch have no [IMG0] token: left out of L_edit", row["no_img"])
+          warned_no_img = True
+        if lead:
+          metrics_file.write(json.dumps({"step": step, **row}) + "\n")
+          metrics_file.flush()
+          bar.set_postfix(loss=f"{row['loss']:.4f}", ins=f"{row['ins']:.4f}", edit=f"{row['edit']:.4f}")
+          log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())))
+          if writer:
+            for k, v in row.items():
+              writer.add_scalar(f"train/{k}", v, step)
+        last_log, n_since = time.time(), 0
+      if c.log.sample_every and step % c.log.sample_every == 0:
+        _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh)
+        last_log = time.time()             # keep sampling time out of samples/s
+      if preempted.agreed(step, ckpt):
+        log.warning("preempted at step %d: saving and exiting", step)
+        ckpt.save(step, state, data_iter, config_json, force=True)
+        status = "preempted"
+        break
+      if ckpt.should_save(step):
+        ckpt.save(step, state, data_iter, config_json)
+    if status == "finished" and ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, config_json, force=True)
-      status = "preempted"
-      break
-    if ckpt.should_save(step):
-      ckpt.save(step, state, data_iter, config_json)
-  if status == "finished" and ckpt.latest_step() != step:
-    ckpt.save(step, state, data_iter, config_json, force=True)
-  ckpt.close()
+    ckpt.close()
   bar.close()
   if writer:
     writer.close()
@@ -186,7 +214,22 @@ def main(argv):
     sys.exit(1)
 
 
-def _batch_abstract(batch, c, mcfg, sharding, jax):
+def _set_aside_newer(ckpt, step: int, lead: bool):
+  """Restoring an earlier step on purpose: newer checkpoints (e.g. a damaged one) are moved to
+  checkpoints.superseded/ so that the run continues from `step`; nothing is deleted."""
+  newer = [s for s in ckpt.all_steps() if s > step]
+  if not newer or not lead:
+    return
+  aside = ckpt.directory.parent / "checkpoints.superseded"
+  aside.mkdir(parents=True, exist_ok=True)
+  for s in newer:
+    (ckpt.directory / str(s)).rename(aside / f"{s}.{int(time.time())}")
+  ckpt.manager.reload()
+  log.warning("restoring step %d: moved newer steps %s to %s", step, newer, aside)
+
+
+def _batch_abstract(batch, c, mcfg, sharding):
+  import jax
   import jax.numpy as jnp
   r, cr, n = c.data.resolution, mcfg.llava.vision.image_size, c.data.max_length
   shapes = {"input_image": ((batch, r, r, 3), jnp.float32), "edited_image": ((batch, r, r, 3), jnp.float32),
@@ -231,20 +274,18 @@ def _synthetic_dataset(c, workdir, lead):
   return str(builder.data_dir if builder else os.path.join(out, "ipr2pr", "folder", "1.0.0"))
 
 
-def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, lead, mesh):
+def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh):
   """Edit a few validation images with the current weights and save a captioned PNG grid."""
   import jax
   from data_pipelines.loader import open_source
-  from PIL import Image
-  import io
   from mgie_jax import inference
-  from mgie_jax.diffusion import SamplerConfig
+  from mgie_jax.images import decode_rgb
   src = open_source(data_dir, "validation")
   recs = [src[i] for i in range(min(c.log.samples, len(src)))]
   if not recs:
     log.warning("no validation examples: skipping the sample grid")
     return
-  images = [Image.open(io.BytesIO(r["input_image"])).convert("RGB") for r in recs]
+  images = [decode_rgb(r["input_image"]) for r in recs]
   instructions = [r["instruction"].decode() for r in recs]
   model = parts.merge(state.params, frozen)
   with jax.set_mesh(mesh):
@@ -260,4 +301,4 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, mcfg, 
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,12 +1,30 @@
 """Shared fixtures: tiny random-weight PyTorch reference models saved with save_pretrained.
 
 Eight simulated CPU devices are requested before JAX is imported, so that the
-sharding tests can build meshes; unsharded tests simply run on device 0.
+sharding tests can build meshes; unsharded tests simply run on device 0. The device-count flag
+is appended to any XLA_FLAGS already set (the last occurrence wins), so a preset XLA_FLAGS
+cannot silently skip the 8-device tests.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+def xla_flags(devices: int, base: str | None = None) -> str:
+  """XLA_FLAGS with `devices` simulated CPU devices appended to whatever flags are set."""
+  base = os.environ.get("XLA_FLAGS", "") if base is None else base
+  return f"{base} --xla_force_host_platform_device_count={devices}".strip()
+
+
+ORIGINAL_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+# One persistent compilation cache for the whole run, subprocesses included: building a model
+# eagerly compiles hundreds of small ops (about 30 s per process on 2 cores, 2 s from the cache).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mgie_jax_test_jit_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ["XLA_FLAGS"] = xla_flags(8)
+os.environ["JAX_PLATFORMS"] = "cpu"      # fp32 CPU references and simulated meshes, on any machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402

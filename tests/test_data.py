@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import synthetic
-from data_pipelines.images import CLIP_MEAN, CLIP_STD
+from mgie_jax.images import CLIP_MEAN, CLIP_STD
 from data_pipelines.ipr2pr import build
 from data_pipelines.loader import LoaderConfig, Preprocess, make_dataset
 from mgie_jax.text import LlamaTokenizer
@@ -51,14 +51,19 @@ GOOD = json.dumps({"input": "a cat", "edit": "make it a dog", "output": "a dog"}
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-  """20 folders in the release layout: 18 train / 1 validation / 1 test, with every kind of breakage."""
+  """20 folders in the release layout: 18 train / 1 validation / 1 test, with every kind of breakage
+  and good pairs in several image modes (kept, converted to RGB by the loader)."""
   root = str(tmp_path_factory.mktemp("release"))
   big = jpeg_bytes(Image.new("RGB", (400, 400), (9, 9, 9)))
   whole = jpeg_bytes(rgb(99, 64))
   truncated = whole[:int(len(whole) * 0.7)]          # header intact, scan data cut
-  cmyk = jpeg_bytes(Image.new("CMYK", (32, 32)))
-  sixteen = png_bytes(Image.fromarray(np.full((32, 32), 40000, np.uint16)))
-  seeds, expected, skipped = [], {"train": [], "validation": [], "test": []}, {}
+  modes = {10: ("L", jpeg_bytes(Image.new("L", (32, 32), 70))),
+           11: ("RGBA", png_bytes(Image.new("RGBA", (32, 32), (10, 200, 30, 128)))),
+           12: ("P", png_bytes(rgb(5).convert("P"))),
+           13: ("CMYK", jpeg_bytes(Image.new("CMYK", (32, 32), (0, 80, 160, 0)))),
+           14: ("I;16", png_bytes(Image.fromarray(np.full((32, 32), 40000, np.uint16)))),
+           15: ("LA", png_bytes(Image.new("LA", (32, 32), (90, 255))))}
+  seeds, expected, skipped, converted = [], {"train": [], "validation": [], "test": []}, {}, {}
   for n in range(20):
     folder = f"{n:05d}"
     seed_list = [100 + n, 200 + n] if n % 3 == 0 else [100 + n]    # several pairs per prompt too
@@ -79,13 +84,13 @@ def release(tmp_path_factory):
     for s in seed_list:
       first, second = jpeg_bytes(rgb(s)), jpeg_bytes(rgb(s + 1))
       breakage = {8: ("missing_image", None), 9: ("truncated_image", truncated),
-                  10: ("not_rgb", jpeg_bytes(Image.new("L", (32, 32)))),
-                  11: ("not_rgb", png_bytes(Image.new("RGBA", (32, 32)))),
-                  13: ("not_rgb", cmyk), 14: ("not_rgb", sixteen), 16: ("too_large", big),
-                  17: ("unreadable_image", b"this is not an image")}
+                  16: ("too_large", big), 17: ("unreadable_image", b"this is not an image")}
       reason = {1: "missing_prompt", 2: "malformed_prompt", 4: "empty_prompt", 5: "non_utf8_text"}.get(n)
       if n in breakage:
         reason, second = breakage[n]
+      if n in modes:
+        mode, second = modes[n]
+        converted[mode] = converted.get(mode, 0) + 1
       write_pair(root, folder, s, first, second)
       if reason:
         skipped.setdefault(split, {}).setdefault(reason, 0)
@@ -96,7 +101,7 @@ def release(tmp_path_factory):
     json.dump(seeds, f)
   with open(os.path.join(root, "expressive.json"), "w") as f:
     json.dump({"00000_100_0": {"instruction": "make it a dog", "expressive": "turn the cat into a dog."}}, f)
-  return root, expected, skipped
+  return root, expected, skipped, converted
 
 
 def keys_of(builder, split):
@@ -105,9 +110,9 @@ def keys_of(builder, split):
 
 
 def test_folder_release_build(release, tmp_path):
-  root, expected, skipped = release
+  root, expected, skipped, converted = release
   builder = build(root, str(tmp_path), "folder", os.path.join(root, "expressive.json"),
-                  max_pixels=300 * 300)
+                  missing_expressive="instruction", max_pixels=300 * 300)
   for split in ("train", "validation", "test"):
     assert keys_of(builder, split) == sorted(expected[split]), split
   meta = builder.info.metadata
@@ -115,14 +120,59 @@ def test_folder_release_build(release, tmp_path):
   assert meta["kept"] == {k: len(v) for k, v in expected.items()}
   assert set(meta["skipped"]["train"]) == {"missing_prompt", "malformed_prompt", "empty_prompt",
                                            "non_utf8_text", "missing_image", "truncated_image",
-                                           "not_rgb", "too_large", "unreadable_image"}
+                                           "too_large", "unreadable_image"}
   assert meta["skipped"]["validation"] == {} and meta["skipped"]["test"] == {}
+  # Every good pair in another image mode is kept and counted by mode.
+  assert meta["converted"]["train"] == converted == {"L": 1, "RGBA": 1, "P": 2, "CMYK": 1, "I;16": 1, "LA": 2}
+  # Examples without an expressive instruction are counted (here: all but one).
+  assert meta["notes"]["train"] == {"expressive_fallback": len(expected["train"]) - 1}
   records = {r["key"].decode(): r for r in builder.as_data_source("train")}
   assert records["00000_100_0"]["expressive"] == b"turn the cat into a dog."
   assert records["00000_200_0"]["expressive"] == b"make it a dog"          # no expressive: edit text
   assert records["00007_107_0"]["input_caption"] == b""                    # prompt.json with only "edit"
   with open(os.path.join(root, "00003", "103_0.jpg"), "rb") as f:
     assert records["00003_103_0"]["input_image"] == f.read()               # original bytes, no re-encoding
+  # The loader converts the other modes to RGB, as the reference pipelines do (.convert("RGB")).
+  pre = Preprocess(LoaderConfig(data_dir="unused", resolution=32))
+  for n, mode in ((10, "L"), (11, "RGBA"), (13, "CMYK"), (14, "I;16"), (15, "LA")):
+    key = f"{n:05d}_{100 + n}_0"
+    out = pre(records[key])
+    with open(os.path.join(root, f"{n:05d}", f"{100 + n}_1.jpg"), "rb") as f:
+      ref = Image.open(f).convert("RGB")
+    want = np.asarray(ref.resize((512, 512), Image.BICUBIC).resize((32, 32), Image.BICUBIC), np.float32) / 127.5 - 1
+    np.testing.assert_allclose(out["edited_image"], want, atol=1e-6, err_msg=mode)
+
+
+def test_skip_policy_and_empty_split(release, tmp_path):
+  """--missing_expressive=skip drops (and counts) examples without one; a split left with no
+  example is not written, with a warning, and the good splits are kept."""
+  root, expected, _, _ = release
+  builder = build(root, str(tmp_path), "folder", os.path.join(root, "expressive.json"),
+                  missing_expressive="skip", max_pixels=300 * 300)
+  assert keys_of(builder, "train") == ["00000_100_0"]
+  meta = builder.info.metadata
+  assert meta["skipped"]["train"]["no_expressive"] == len(expected["train"]) - 1
+  assert sorted(meta["empty_splits"]) == ["test", "validation"]
+  assert list(builder.info.splits) == ["train"]
+
+
+def test_rebuild_from_another_source_is_refused_then_overwrites(release, tmp_path):
+  root, expected, _, _ = release
+  other = tmp_path / "other"
+  synthetic.write_dataset(str(other), prompts=20, seeds=1, size=32, tokenizer=False)
+  out = str(tmp_path / "tfds")
+  first = build(root, out, "folder", missing_expressive="instruction", max_pixels=300 * 300)
+  assert build(root, out, "folder", missing_expressive="instruction", max_pixels=300 * 300).data_dir == first.data_dir  # reused
+  from data_pipelines.checked import SourceChanged
+  with pytest.raises(SourceChanged, match="was built from"):
+    build(str(other), out, "folder", missing_expressive="instruction", max_pixels=300 * 300)
+  assert keys_of(first, "train") == sorted(expected["train"])              # the old dataset is intact
+  with pytest.raises(FileNotFoundError):
+    build(str(tmp_path / "nonexistent"), out, "folder", missing_expressive="instruction", max_pixels=300 * 300)
+  rebuilt = build(str(other), out, "folder", missing_expressive="instruction", overwrite=True,
+                  max_pixels=300 * 300)
+  assert len(keys_of(rebuilt, "train")) == 18
+  assert not [p for p in os.listdir(os.path.dirname(str(rebuilt.data_dir))) if "replaced" in p]
 
 
 def test_parquet_build(tmp_path):
@@ -141,7 +191,7 @@ def test_parquet_build(tmp_path):
   pq.write_table(pa.Table.from_pylist(rows), src / "train-00000.parquet")
   pq.write_table(pa.Table.from_pylist([{**rows[0], "original_image": jpeg_bytes(rgb(8)),
                                         "edited_image": jpeg_bytes(rgb(9))}]), src / "train-00001.parquet")
-  builder = build(str(src), str(tmp_path / "out"), "parquet")
+  builder = build(str(src), str(tmp_path / "out"), "parquet", missing_expressive="instruction")
   assert list(builder.info.splits) == ["train"]
   assert keys_of(builder, "train") == ["train-00000_0", "train-00001_0"]
   assert builder.info.metadata["skipped"]["train"] == {"empty_prompt": 1, "truncated_image": 1, "missing_image": 1}
@@ -257,9 +307,25 @@ def test_loader_skips_bad_records_and_counts_them():
   pre = Preprocess(LoaderConfig(data_dir="unused"))
   good = jpeg_bytes(rgb(1))
   assert pre({"key": b"a", "input_image": good, "edited_image": b"garbage"}) is None
-  assert pre({"key": b"b", "input_image": png_bytes(Image.new("RGBA", (32, 32))), "edited_image": good}) is None
-  assert pre.skipped == {"decode_error:UnidentifiedImageError": 1, "not_rgb": 1}
+  assert pre({"key": b"b", "input_image": png_bytes(Image.new("RGBA", (32, 32))), "edited_image": good}) is not None
+  assert pre.skipped == {"decode_error:UnidentifiedImageError": 1}
   assert pre({"key": b"c", "input_image": good, "edited_image": good})["input_image"].shape == (256, 256, 3)
+
+
+def test_loader_skips_sequences_without_img_tokens(synthetic_built, monkeypatch):
+  import mgie_jax.text as text
+  root, builder = synthetic_built
+  pre = Preprocess(loader_cfg(builder, root))
+  record = builder.as_data_source("train")[0]
+  assert pre(record) is not None
+  real = text.training_example
+
+  def no_img(tok, *a, **k):      # e.g. a tokenizer that does not know the [IMG] tokens
+    ex = real(tok, *a, **k)
+    ex.input_ids = ex.input_ids[ex.input_ids != tok.token_to_id("[IMG0]")]
+    return ex
+  monkeypatch.setattr(text, "training_example", no_img)
+  assert pre(record) is None and pre.skipped == {"no_img_tokens": 1}
 
 
 # --- the synthetic generator ------------------------------------------------------------------

@@ -158,6 +158,31 @@ def test_mgie_loss_matches_pytorch_recomputation(torch_parts):
   assert abs(float(other["edit"]) - want_edit) > 1e-6
 
 
+def test_rows_without_img0_are_left_out_of_the_edit_loss_and_refused_in_inference(torch_parts):
+  """A row with no [IMG0] has no window to read: it must not silently read position 0."""
+  root, head, *_ = torch_parts
+  model = load_ours(root, head)
+  batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+  rng = np.random.default_rng(5)
+  draws = Draws(p=jnp.full((4,), 0.9), t=jnp.asarray([5, 250, 600, 999]),
+                noise=jnp.asarray(rng.normal(size=(4, 8, 8, 4)), jnp.float32),
+                posterior=jnp.asarray(rng.normal(size=(4, 8, 8, 4)), jnp.float32))
+  broken = dict(batch, input_ids=jnp.where(batch["input_ids"][1] >= IMG0, 5, batch["input_ids"][1]))
+  broken["input_ids"] = batch["input_ids"].at[1].set(broken["input_ids"])
+  losses = nnx.jit(lambda m, b, d: m.losses(b, d))
+  got = losses(model, broken, draws)
+  assert int(got["no_img"]) == 1
+  keep = np.array([0, 2, 3])
+  sub = lambda tree: jax.tree.map(lambda x: x[keep], tree)
+  want = losses(model, sub(batch), Draws(*sub(tuple(draws))))
+  assert abs(float(got["edit"]) - float(want["edit"])) <= 1e-5 * max(1.0, float(want["edit"]))
+  assert int(losses(model, batch, draws)["no_img"]) == 0
+  from mgie_jax.inference import conditions_for
+  with pytest.raises(ValueError, match=r"rows \[1\] hold no \[IMG0\]"):
+    conditions_for(model, np.asarray(broken["input_ids"]), np.asarray(batch["attention_mask"]),
+                   np.asarray(batch["clip_image"]))
+
+
 def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_dir):
   """configs/ipr2pr.py's loading path on tiny folders: LLaVA v1 + CLIP + an SD pipeline folder,
   the vocabulary grown by the MGIE tokens (new rows ~ N(0, 0.02)), the UNet widened to 8 channels."""
@@ -166,7 +191,7 @@ def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_
   from safetensors.torch import save_file
   from configs import ipr2pr
   from mgie_jax.text import LlamaTokenizer
-  from mgie_jax.training.model import load_pretrained
+  from mgie_jax.convert.pretrained import load_pretrained
   root, head, llava_t, unet_t, vae_t = torch_parts
   # LLaVA v1 folder with a 400-token vocabulary (the tokenizer's SentencePiece size).
   torch.manual_seed(3)

@@ -11,8 +11,6 @@ from mgie_jax.generate import greedy_generate
 from mgie_jax.models import (ClipVisionConfig, LlamaConfig, LlavaConfig,
                              LlavaForConditionalGeneration)
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs 8 devices (conftest sets XLA_FLAGS before JAX starts)")
 
 
 def tiny_llava(vocab=128):

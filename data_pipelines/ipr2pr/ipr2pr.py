@@ -9,27 +9,29 @@ Sources (builder configs):
            edited_prompt, edited_image (images as JPEG bytes); a train split only.
 
 Images are stored as their original encoded bytes (no re-encoding). MGIE's expressive
-instructions, if given, are joined by key "<folder>_<seed>_0" (parquet: "<file stem>_<row>").
-Bad records are skipped and counted by reason; the counts are printed and saved in the
-dataset's metadata (`builder.info.metadata["skipped"]`).
+instructions are joined by key "<folder>_<seed>_0" (parquet: "<file stem>_<row>"); an example
+without one is skipped or gets the terse instruction as its target, as `missing_expressive`
+says, and is counted either way. Bad records are skipped and counted by reason (see
+data_pipelines.checked); the counts are printed and saved in the dataset's metadata.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import json
-import logging
 import math
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.images import MAX_PIXELS, BadImage, check_image
+from data_pipelines.checked import (Candidate, CheckedBuilder, Skip, file_digest, listing_digest,
+                                    prepare)
+from mgie_jax.images import MAX_PIXELS
 
-log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "validation", "test")
+MISSING_EXPRESSIVE = ("instruction", "skip")
 
 
 @dataclasses.dataclass
@@ -56,7 +58,8 @@ def _read_bytes(path: str):
     return f.read()
 
 
-def _load_expressive(path: str | None) -> dict:
+def load_expressive(path: str | None) -> dict:
+  """MGIE's expressive-instruction JSON: {"<folder>_<seed>_0": {"instruction", "expressive"}}."""
   if not path:
     return {}
   with open(path, encoding="utf-8") as f:
@@ -66,8 +69,8 @@ def _load_expressive(path: str | None) -> dict:
   return table
 
 
-class Ipr2pr(tfds.core.GeneratorBasedBuilder):
-  """InstructPix2Pix edit pairs with optional MGIE expressive instructions."""
+class Ipr2pr(CheckedBuilder):
+  """InstructPix2Pix edit pairs with MGIE expressive instructions."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -78,11 +81,19 @@ class Ipr2pr(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """The source is read from --manual_dir: the folder release
   (seeds.json and prompt folders) or a folder of IPr2Pr .parquet files."""
 
-  def __init__(self, *, expressive_json: str | None = None,
-               split_fractions: tuple = (0.9, 0.05, 0.05), max_pixels: int = MAX_PIXELS, **kwargs):
+  def __init__(self, *, expressive_json: str | None = None, missing_expressive: str | None = None,
+               split_fractions: tuple = (0.9, 0.05, 0.05), max_pixels: int = MAX_PIXELS,
+               source_dir: str | None = None, **kwargs):
+    if missing_expressive not in MISSING_EXPRESSIVE + (None,):
+      raise ValueError(f"missing_expressive must be one of {MISSING_EXPRESSIVE}, got {missing_expressive!r}")
+    if not expressive_json and missing_expressive is None:
+      raise ValueError("no expressive-instruction file: pass missing_expressive='instruction' to train "
+                       "on the terse instruction as the target, or an expressive_json")
     self.expressive_json = expressive_json
+    self.missing_expressive = missing_expressive or "instruction"
     self.split_fractions = tuple(split_fractions)
     self.max_pixels = max_pixels
+    self.source_dir = os.path.abspath(source_dir) if source_dir else None
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -101,110 +112,129 @@ class Ipr2pr(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/timothybrooks/instruct-pix2pix",
     )
 
-  def _split_generators(self, dl_manager):
-    self.source_dir = str(dl_manager.manual_dir)
-    if not os.path.isdir(self.source_dir):
-      raise ValueError(f"manual_dir {self.source_dir!r} is not a directory")
-    expressive = _load_expressive(self.expressive_json)
+  def source_description(self) -> dict:
+    root = self.source_dir
+    if self.builder_config.source == "folder":
+      seeds = os.path.join(root, "seeds.json")
+      digest = file_digest(seeds) if os.path.exists(seeds) else None
+    else:
+      digest = listing_digest(root, [f for f in os.listdir(root) if f.endswith(".parquet")])
+    return {"dir": root, "digest": digest, "expressive": self.expressive_json and os.path.abspath(self.expressive_json),
+            "expressive_digest": file_digest(self.expressive_json),
+            "missing_expressive": self.missing_expressive,
+            "split_fractions": list(self.split_fractions), "max_pixels": self.max_pixels}
+
+  # --- the source -------------------------------------------------------------------------------
+  def _split_names(self):
+    self._expressive = load_expressive(self.expressive_json)
     if self.builder_config.source == "parquet":
-      return {"train": self._generate_examples(("parquet", None), expressive)}
-    path = os.path.join(self.source_dir, "seeds.json")
-    if not os.path.exists(path):
-      raise ValueError(f"{path} is missing: not an IPr2Pr folder release")
-    with open(path) as f:
+      return ["train"]
+    with open(os.path.join(self.source_dir, "seeds.json")) as f:
       seeds = json.load(f)
     bounds = np.cumsum((0.0,) + self.split_fractions)
-    out = {}
+    self._parts = {}
     for name, lo, hi in zip(SPLIT_NAMES, bounds[:-1], bounds[1:]):
       # InstructPix2Pix's own arithmetic: floor of fraction x number of folders.
-      part = seeds[math.floor(lo * len(seeds)):math.floor(hi * len(seeds))]
-      out[name] = self._generate_examples((name, part), expressive)
-    return out
+      self._parts[name] = seeds[math.floor(lo * len(seeds)):math.floor(hi * len(seeds))]
+    return list(SPLIT_NAMES)
 
-  # --- generation -----------------------------------------------------------------------------
-  def _generate_examples(self, split_and_items, expressive):
-    split, items = split_and_items
-    skipped = collections.Counter()
-    kept = 0
-    rows = self._parquet_rows(skipped) if split == "parquet" else self._folder_rows(items, skipped)
-    for key, pair, texts in rows:
-      try:
-        for data in pair:
-          check_image(data, self.max_pixels)
-      except BadImage as e:
-        skipped[e.reason] += 1
+  def _candidates(self, split):
+    rows = self._parquet_rows() if self.builder_config.source == "parquet" else self._folder_rows(split)
+    for row in rows:
+      if isinstance(row, Skip):
+        yield row
         continue
-      extra = expressive.get(key)
-      if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("expressive"), str)):
-        skipped["malformed_expressive"] += 1
+      key, read, texts = row
+      extra = self._expressive.get(key)
+      notes, drop = (), None
+      if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("expressive"), str)
+                                    and extra["expressive"].strip()):
+        yield Skip("malformed_expressive")
         continue
-      kept += 1
-      yield key, {"key": key, "input_image": pair[0], "edited_image": pair[1],
-                  "instruction": texts["edit"],
-                  "expressive": extra["expressive"] if extra else texts["edit"],
-                  "input_caption": texts.get("input") or "", "output_caption": texts.get("output") or ""}
-    self._report("train" if split == "parquet" else split, kept, skipped)
+      if extra is None:
+        if self.missing_expressive == "skip":
+          drop = "no_expressive"
+        notes = ("expressive_fallback",)
+      expressive = extra["expressive"] if extra else texts["edit"]
+      yield Candidate(key, functools.partial(_example, key, read, texts, expressive),
+                      ("input_image", "edited_image"), notes, drop)
 
-  def _report(self, split, kept, skipped):
-    meta = self.info.metadata
-    meta.setdefault("kept", {})[split] = kept
-    meta.setdefault("skipped", {})[split] = dict(sorted(skipped.items()))
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
-    print(f"[ipr2pr/{self.builder_config.name}] {split}: kept {kept}, skipped {sum(skipped.values())} ({summary})")
-
-  def _folder_rows(self, items, skipped):
+  def _folder_rows(self, split):
     root = self.source_dir
-    for folder, seeds in items:
+    for folder, seeds in self._parts[split]:
       seeds = list(seeds)
-      texts, reason = self._prompt(os.path.join(root, folder, "prompt.json"))
+      texts, reason = _prompt(os.path.join(root, folder, "prompt.json"))
       if reason:
-        skipped[reason] += len(seeds)
+        yield Skip(reason, len(seeds))
         continue
       for seed in seeds:
-        pair = [_read_bytes(os.path.join(root, folder, f"{seed}_{i}.jpg")) for i in (0, 1)]
-        if any(p is None for p in pair):
-          skipped["missing_image"] += 1
+        paths = [os.path.join(root, folder, f"{seed}_{i}.jpg") for i in (0, 1)]
+        if not all(os.path.exists(p) for p in paths):
+          yield Skip("missing_image")
           continue
-        yield f"{folder}_{seed}_0", pair, texts
+        yield f"{folder}_{seed}_0", functools.partial(_read_pair, paths), texts
 
-  @staticmethod
-  def _prompt(path):
-    raw, reason = _read_text(path)
-    if reason:
-      return None, reason
-    try:
-      texts = json.loads(raw)
-    except json.JSONDecodeError:
-      return None, "malformed_prompt"
-    if not isinstance(texts, dict):
-      return None, "malformed_prompt"
-    if not isinstance(texts.get("edit"), str) or not texts["edit"].strip():
-      return None, "empty_prompt"
-    if any(k in texts and not isinstance(texts[k], (str, type(None))) for k in ("input", "output")):
-      return None, "malformed_prompt"
-    return texts, None
-
-  def _parquet_rows(self, skipped):
+  def _parquet_rows(self):
     import pyarrow.parquet as pq
     files = sorted(f for f in os.listdir(self.source_dir) if f.endswith(".parquet"))
     if not files:
       raise ValueError(f"no .parquet files in {self.source_dir}")
     for name in files:
-      table = pq.ParquetFile(os.path.join(self.source_dir, name))
+      path = os.path.join(self.source_dir, name)
+      table = pq.ParquetFile(path)
       stem, row = os.path.splitext(name)[0], 0
-      for batch in table.iter_batches(batch_size=64):
-        for rec in batch.to_pylist():
+      for group in range(table.num_row_groups):
+        texts_of = table.read_row_group(group, columns=["edit_prompt", "original_prompt", "edited_prompt"]).to_pylist()
+        for i, rec in enumerate(texts_of):
           key, row = f"{stem}_{row}", row + 1
-          pair = [_image_bytes(rec.get("original_image")), _image_bytes(rec.get("edited_image"))]
-          if any(p is None for p in pair):
-            skipped["missing_image"] += 1
-            continue
           edit = rec.get("edit_prompt")
           if not isinstance(edit, str) or not edit.strip():
-            skipped["empty_prompt"] += 1
+            yield Skip("empty_prompt")
             continue
-          yield key, pair, {"edit": edit, "input": rec.get("original_prompt"),
-                            "output": rec.get("edited_prompt")}
+          texts = {"edit": edit, "input": rec.get("original_prompt"), "output": rec.get("edited_prompt")}
+          yield key, functools.partial(_parquet_pair, path, group, i), texts
+
+
+@functools.lru_cache(maxsize=2)
+def _row_group(path: str, group: int):
+  import pyarrow.parquet as pq
+  return pq.ParquetFile(path).read_row_group(group, columns=["original_image", "edited_image"]).to_pylist()
+
+
+def _parquet_pair(path, group, i):
+  rec = _row_group(path, group)[i]
+  return [_image_bytes(rec.get("original_image")), _image_bytes(rec.get("edited_image"))]
+
+
+def _read_pair(paths):
+  return [_read_bytes(p) for p in paths]
+
+
+def _example(key, read, texts, expressive):
+  pair = read()
+  if any(p is None for p in pair):
+    from mgie_jax.images import BadImage
+    raise BadImage("missing_image")
+  return {"key": key, "input_image": pair[0], "edited_image": pair[1], "instruction": texts["edit"],
+          "expressive": expressive, "input_caption": texts.get("input") or "",
+          "output_caption": texts.get("output") or ""}
+
+
+def _prompt(path):
+  raw, reason = _read_text(path)
+  if reason:
+    return None, reason
+  try:
+    texts = json.loads(raw)
+  except json.JSONDecodeError:
+    return None, "malformed_prompt"
+  if not isinstance(texts, dict):
+    return None, "malformed_prompt"
+  if not isinstance(texts.get("edit"), str) or not texts["edit"].strip():
+    return None, "empty_prompt"
+  if any(k in texts and not isinstance(texts[k], (str, type(None))) for k in ("input", "output")):
+    return None, "malformed_prompt"
+  return texts, None
 
 
 def _image_bytes(value):
@@ -214,11 +244,21 @@ def _image_bytes(value):
   return value if isinstance(value, (bytes, bytearray)) and value else None
 
 
+def check_source(source_dir: str, source: str) -> None:
+  """Raise ValueError unless `source_dir` looks like the named IPr2Pr release."""
+  if not os.path.isdir(source_dir):
+    raise FileNotFoundError(source_dir)
+  if source == "folder" and not os.path.exists(os.path.join(source_dir, "seeds.json")):
+    raise ValueError(f"{source_dir} has no seeds.json: not an IPr2Pr folder release")
+  if source == "parquet" and not any(f.endswith(".parquet") for f in os.listdir(source_dir)):
+    raise ValueError(f"{source_dir} has no .parquet files")
+
+
 def build(source_dir: str, data_dir: str, source: str = "folder", expressive_json: str | None = None,
-          **kwargs) -> Ipr2pr:
+          missing_expressive: str | None = None, overwrite: bool = False, **kwargs) -> Ipr2pr:
   """Build (or reuse) the dataset under data_dir/ipr2pr/<source>/1.0.0; returns the builder."""
-  builder = Ipr2pr(config=source, data_dir=data_dir, file_format="array_record",
-                   expressive_json=expressive_json, **kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(source_dir)))
-  return builder
+  check_source(source_dir, source)
+  make = lambda: Ipr2pr(config=source, data_dir=data_dir, file_format="array_record",
+                        expressive_json=expressive_json, missing_expressive=missing_expressive,
+                        source_dir=source_dir, **kwargs)
+  return prepare(make, source_dir, overwrite)

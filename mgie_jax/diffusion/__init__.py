@@ -2,4 +2,4 @@
 
 from mgie_jax.diffusion.guidance import edit_images, guided_eps, sample_loop
 from mgie_jax.diffusion.samplers import Sampler, SamplerConfig, make_sampler
-from mgie_jax.diffusion.schedule import DDPMSchedule, alphas_cumprod, make_betas
+from mgie_jax.diffusion.schedule import DDPMSchedule, NoiseSchedule, alphas_cumprod, make_betas

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mgie_jax.diffusion.schedule import PREDICTION_TYPES, alphas_cumprod, make_betas
+from mgie_jax.diffusion.schedule import NoiseSchedule
 
 KINDS = ("euler_ancestral", "euler", "ddim")
 SPACINGS = ("linspace", "leading", "trailing")
@@ -25,11 +25,7 @@ DIFFUSERS_NAMES = {"EulerAncestralDiscreteScheduler": "euler_ancestral",
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   kind: str = "euler_ancestral"
-  num_train_timesteps: int = 1000
-  beta_start: float = 0.00085
-  beta_end: float = 0.012
-  beta_schedule: str = "scaled_linear"
-  prediction_type: str = "epsilon"
+  schedule: NoiseSchedule = NoiseSchedule()     # the model's training schedule
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
   set_alpha_to_one: bool = True     # DDIM only
@@ -42,12 +38,15 @@ class SamplerConfig:
       raise ValueError(f"sampler kind must be one of {KINDS}, got {self.kind!r}")
     if self.timestep_spacing not in SPACINGS:
       raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
-    if self.prediction_type not in PREDICTION_TYPES:
-      raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return self.schedule.num_train_timesteps
 
   @classmethod
   def from_diffusers(cls, config: dict, **overrides) -> "SamplerConfig":
-    """From a diffusers scheduler config (scheduler_config.json); unsupported options raise."""
+    """From a diffusers scheduler config (scheduler_config.json); unsupported options raise.
+    `overrides` may name sampler fields or NoiseSchedule fields."""
     name = config.get("_class_name")
     kind = overrides.pop("kind", DIFFUSERS_NAMES.get(name))
     if kind is None:
@@ -56,10 +55,11 @@ class SamplerConfig:
                  "rescale_betas_zero_snr", "thresholding"):
       if config.get(flag):
         raise ValueError(f"scheduler option {flag}=True is not supported")
-    if config.get("trained_betas") is not None:
-      raise ValueError("trained_betas are not supported")
-    names = {f.name for f in dataclasses.fields(cls)} - {"kind"}
-    return cls(kind=kind, **{**{k: v for k, v in config.items() if k in names}, **overrides})
+    sched_names = {f.name for f in dataclasses.fields(NoiseSchedule)}
+    schedule = NoiseSchedule.from_diffusers({**config, **{k: v for k, v in overrides.items() if k in sched_names}})
+    overrides = {k: v for k, v in overrides.items() if k not in sched_names}
+    names = {f.name for f in dataclasses.fields(cls)} - {"kind", "schedule"}
+    return cls(kind=kind, schedule=schedule, **{**{k: v for k, v in config.items() if k in names}, **overrides})
 
 
 def _timesteps(cfg: SamplerConfig, n: int) -> np.ndarray:
@@ -142,7 +142,7 @@ def make_sampler(cfg: SamplerConfig, num_steps: int) -> Sampler:
   """Tables for `num_steps` inference steps, as diffusers' `set_timesteps` builds them."""
   if num_steps < 1 or num_steps > cfg.num_train_timesteps:
     raise ValueError(f"num_steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
-  acp = alphas_cumprod(make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end))
+  acp = cfg.schedule.alphas_cumprod()
   ts = _timesteps(cfg, num_steps)
   n = num_steps
   if cfg.kind == "ddim":
@@ -150,11 +150,11 @@ def make_sampler(cfg: SamplerConfig, num_steps: int) -> Sampler:
     final = 1.0 if cfg.set_alpha_to_one else acp[0]
     acp_prev = np.where(prev_t >= 0, acp[np.clip(prev_t, 0, None)], final).astype(np.float32)
     return Sampler(jnp.asarray(ts), jnp.zeros(n + 1), jnp.asarray(acp[ts]), jnp.asarray(acp_prev),
-                   jnp.asarray(1.0), cfg.kind, cfg.prediction_type, cfg.eta,
+                   jnp.asarray(1.0), cfg.kind, cfg.schedule.prediction_type, cfg.eta,
                    cfg.clip_sample_range if cfg.clip_sample else None)
   sig = (((1 - acp) / acp) ** 0.5).astype(np.float32)
   sig = np.interp(ts, np.arange(len(sig)), sig)
   sig = np.concatenate([sig, [0.0]]).astype(np.float32)
   init = sig.max() if cfg.timestep_spacing in ("linspace", "trailing") else (sig.max() ** 2 + 1) ** 0.5
   return Sampler(jnp.asarray(ts), jnp.asarray(sig), jnp.zeros(n), jnp.zeros(n),
-                 jnp.asarray(init, jnp.float32), cfg.kind, cfg.prediction_type, cfg.eta)
+                 jnp.asarray(init, jnp.float32), cfg.kind, cfg.schedule.prediction_type, cfg.eta)

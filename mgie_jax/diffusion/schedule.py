@@ -1,6 +1,10 @@
-"""The DDPM training schedule: betas, `add_noise`, epsilon / v-prediction targets (diffusers' math)."""
+"""The noise schedule, defined once: `NoiseSchedule` (the config a model is trained with, read
+from diffusers' `scheduler_config.json` or a checkpoint's config), the DDPM training side
+(`add_noise`, epsilon / v targets) and, in `samplers`, every inference sampler built on it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +29,37 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
   return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """What a diffusion model was trained with; training and every sampler read it from here."""
+  beta_schedule: str = "scaled_linear"
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  prediction_type: str = "epsilon"
+
+  def __post_init__(self):
+    if self.beta_schedule not in BETA_SCHEDULES:
+      raise ValueError(f"beta schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+  @classmethod
+  def from_diffusers(cls, config: dict) -> "NoiseSchedule":
+    """From a diffusers scheduler config (any scheduler class: they share these fields)."""
+    if config.get("trained_betas") is not None:
+      raise ValueError("trained_betas are not supported")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names})
+
+  def alphas_cumprod(self) -> np.ndarray:
+    return alphas_cumprod(make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start,
+                                     self.beta_end))
+
+  def ddpm(self) -> "DDPMSchedule":
+    return DDPMSchedule(jnp.asarray(self.alphas_cumprod()), self.prediction_type)
+
+
 @struct.dataclass
 class DDPMSchedule:
   alphas_cumprod: jax.Array                      # [T] float32
@@ -34,10 +69,7 @@ class DDPMSchedule:
   def create(cls, beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
              beta_start: float = 0.00085, beta_end: float = 0.012,
              prediction_type: str = "epsilon") -> "DDPMSchedule":
-    if prediction_type not in PREDICTION_TYPES:
-      raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-    return cls(jnp.asarray(alphas_cumprod(betas)), prediction_type)
+    return NoiseSchedule(beta_schedule, num_train_timesteps, beta_start, beta_end, prediction_type).ddpm()
 
   @property
   def num_train_timesteps(self) -> int:

@@ -1,4 +1,5 @@
-"""CLIP vision transformer (ViT-L/14 in MGIE), a Flax NNX port of transformers' CLIPVisionModel.
+"""CLIP, a Flax NNX port of transformers' CLIPVisionModel (ViT-L/14 in MGIE), CLIPTextModel and
+CLIPModel (both towers + projection heads: CLIP-I and CLIP-T in evaluation).
 
 Images are NHWC, already normalised with the CLIP mean/std.
 """
@@ -64,11 +65,11 @@ class ClipAttention(nnx.Module):
     self.v_proj = layers.linear(d, d, ("embed", "heads"), dtype=dt, param_dtype=pdt, rngs=rngs)
     self.out_proj = layers.linear(d, d, ("heads", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
     out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                split(self.v_proj(x)), implementation=self.impl)
+                                split(self.v_proj(x)), mask=mask, implementation=self.impl)
     return self.out_proj(out.reshape(b, t, d))
 
 
@@ -84,8 +85,8 @@ class ClipEncoderLayer(nnx.Module):
     self.fc2 = layers.linear(cfg.intermediate_size, d, ("mlp", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
     self.act = layers.activation(cfg.hidden_act)
 
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x, mask=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
 
 
@@ -139,3 +140,86 @@ class ClipVisionModel(nnx.Module):
     if output_hidden_states:
       hidden = (first,) + tuple(per_layer[i] for i in range(per_layer.shape[0]))
     return ClipVisionOutput(x, pooled, hidden)
+
+
+# --- the text tower and the two-tower model (evaluation: CLIP-I, CLIP-T) --------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ClipTextConfig:
+  vocab_size: int = 49408
+  hidden_size: int = 512
+  intermediate_size: int = 2048
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 8
+  max_position_embeddings: int = 77
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+  eos_token_id: int = 2           # 2: pool at the highest id (the original CLIP's end token)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str = "xla"
+
+  @classmethod
+  def from_hf(cls, hf: dict, **runtime) -> "ClipTextConfig":
+    if hf.get("model_type") == "clip" or "text_config" in hf:
+      hf = hf["text_config"]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in hf.items() if k in names and k not in runtime}, **runtime)
+
+
+class ClipTextModel(nnx.Module):
+  """Causal pre-LN transformer over token + position embeddings; pooled = the end token's state."""
+
+  def __init__(self, cfg: ClipTextConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    d, dt, pdt = cfg.hidden_size, cfg.dtype, cfg.param_dtype
+    self.token_embedding = layers.embed(cfg.vocab_size, d, ("vocab", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.position_embedding = layers.embed(cfg.max_position_embeddings, d, (None, "embed"), dtype=dt,
+                                           param_dtype=pdt, rngs=rngs)
+    self.layers = layers.stacked(lambda r: ClipEncoderLayer(cfg, r), cfg.num_hidden_layers, rngs)
+    self.final_layer_norm = layers.layer_norm(d, "embed", eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,
+                                              rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask=None):
+    """input_ids [B, T] -> (last_hidden_state [B, T, D], pooled [B, D])."""
+    b, t = input_ids.shape
+    x = self.token_embedding(input_ids) + self.position_embedding.embedding[...][:t].astype(self.config.dtype)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    mask = (jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :])[:, None]
+
+    def body(layer, h, _):
+      return constrain(layer(h, mask), ACT), None
+
+    x, _ = layers.scan_layers(self.layers, body, constrain(x, ACT), remat=self.config.remat)
+    x = self.final_layer_norm(x)
+    if self.config.eos_token_id == 2:
+      end = jnp.argmax(input_ids, axis=-1)
+    else:
+      end = jnp.argmax((input_ids == self.config.eos_token_id).astype(jnp.int32), axis=-1)
+    return x, x[jnp.arange(b), end]
+
+
+class ClipModel(nnx.Module):
+  """transformers' CLIPModel: both towers and their projections into the shared space."""
+
+  def __init__(self, vision: ClipVisionConfig, text: ClipTextConfig, projection_dim: int, *, rngs: nnx.Rngs):
+    self.projection_dim = projection_dim
+    self.vision_model = ClipVisionModel(vision, rngs=rngs)
+    self.text_model = ClipTextModel(text, rngs=rngs)
+    kw = dict(use_bias=False, dtype=vision.dtype, param_dtype=vision.param_dtype, rngs=rngs)
+    self.visual_projection = layers.linear(vision.hidden_size, projection_dim, ("embed", "mlp"), **kw)
+    self.text_projection = layers.linear(text.hidden_size, projection_dim, ("embed", "mlp"), **kw)
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "ClipModel":
+    """Load a local folder written by transformers' CLIPModel.save_pretrained."""
+    from mgie_jax.convert.metric_models import clip_from_pretrained
+    return clip_from_pretrained(path, dtype, **kwargs)
+
+  def image_features(self, pixel_values):
+    """get_image_features: the projected, post-layernormed CLS state (not normalised)."""
+    return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+
+  def text_features(self, input_ids, attention_mask=None):
+    return self.text_projection(self.text_model(input_ids, attention_mask)[1])

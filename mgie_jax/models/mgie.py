@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mgie_jax.diffusion.schedule import DDPMSchedule
+from mgie_jax.diffusion.schedule import DDPMSchedule, NoiseSchedule
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -37,15 +37,14 @@ class MGIEConfig:
   ins_loss_weight: float = 1.0
   edit_loss_weight: float = 0.5
   uncond_prob: float = 0.05          # CFG dropout unit u
-  beta_schedule: str = "scaled_linear"
-  beta_start: float = 0.00085
-  beta_end: float = 0.012
-  num_train_timesteps: int = 1000
-  prediction_type: str = "epsilon"
+  noise: NoiseSchedule = NoiseSchedule()
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return self.noise.num_train_timesteps
 
   def schedule(self) -> DDPMSchedule:
-    return DDPMSchedule.create(self.beta_schedule, self.num_train_timesteps, self.beta_start,
-                               self.beta_end, self.prediction_type)
+    return self.noise.ddpm()
 
 
 class Draws(NamedTuple):
@@ -64,12 +63,25 @@ def sample_draws(key, batch: int, latent_shape, num_train_timesteps: int = 1000)
                jax.random.normal(k[2], shape), jax.random.normal(k[3], shape))
 
 
-def token_cross_entropy(logits, labels):
-  """Mean next-token CE over the batch's target tokens (labels != IGNORE_INDEX)."""
+def target_tokens(labels):
+  """Number of next-token targets in `labels` (the denominator of L_ins)."""
+  return jnp.sum(labels[:, 1:] != IGNORE_INDEX)
+
+
+def token_cross_entropy(logits, labels, denominator=None):
+  """Next-token CE summed over the target tokens (labels != IGNORE_INDEX) / `denominator`
+  (default: this batch's target count, i.e. the mean; a micro-batch passes the whole batch's)."""
   logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
   mask = labels != IGNORE_INDEX
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
-  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+  if denominator is None:
+    denominator = jnp.sum(mask)
+  return jnp.sum(ce * mask) / jnp.maximum(denominator, 1)
+
+
+def has_img_window(input_ids, img0_id: int):
+  """[B] bool: the row holds [IMG0] (rows without it have no [IMG] window to read)."""
+  return jnp.any(input_ids == img0_id, axis=1)
 
 
 class MGIE(nnx.Module):
@@ -100,11 +112,19 @@ class MGIE(nnx.Module):
     e = self.img_embeddings().astype(h.dtype)
     return self.edit_head(h, e), self.edit_head(jnp.zeros_like(h), e)
 
-  def losses(self, batch: dict, draws: Draws) -> dict:
-    """The joint training loss of one batch; returns loss, ins (L_ins) and edit (L_edit)."""
+  def losses(self, batch: dict, draws: Draws, ins_tokens=None, edit_rows=None) -> dict:
+    """The joint training loss of one batch; returns loss, ins (L_ins), edit (L_edit) and
+    no_img (rows without [IMG0]: left out of L_edit, which has no window to read there).
+
+    L_ins is a mean over target tokens and L_edit over examples; a micro-batch of a larger batch
+    passes that batch's `ins_tokens` / `edit_rows` so that micro-batch losses sum to the batch's.
+    """
     cfg = self.config
     out = self.mllm(batch["input_ids"], batch["clip_image"], attention_mask=batch["attention_mask"])
-    l_ins = token_cross_entropy(out.logits, batch["labels"])
+    l_ins = token_cross_entropy(out.logits, batch["labels"], ins_tokens)
+    ok = has_img_window(batch["input_ids"], cfg.img_token_id)
+    if edit_rows is None:
+      edit_rows = jnp.sum(ok)
     cond, null = self.conditions(out.hidden_states, batch["input_ids"])
 
     frozen_vae = jax.lax.stop_gradient
@@ -120,6 +140,7 @@ class MGIE(nnx.Module):
     image_latents = jnp.where(drop_image, 0.0, image_latents)
     pred = self.unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
     target = cfg.schedule().target(latents, draws.noise, draws.t)
-    l_edit = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
+    per_row = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
+    l_edit = jnp.sum(jnp.where(ok, per_row, 0.0)) / jnp.maximum(edit_rows, 1)
     loss = cfg.ins_loss_weight * l_ins + cfg.edit_loss_weight * l_edit
-    return {"loss": loss, "ins": l_ins, "edit": l_edit}
+    return {"loss": loss, "ins": l_ins, "edit": l_edit, "no_img": jnp.sum(~ok)}

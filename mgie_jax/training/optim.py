@@ -1,5 +1,6 @@
-"""Optimizer: AdamW per parameter group (MLLM, diffusion) with warmup + cosine schedules,
-global-norm clipping and gradient accumulation, over the trainable parameters only."""
+"""Optimizer: AdamW per parameter group (MLLM, diffusion) with warmup + cosine schedules and
+global-norm clipping, over the trainable parameters only. (Gradient accumulation happens inside
+the train step: see mgie_jax.training.step.)"""
 
 from __future__ import annotations
 
@@ -29,6 +30,4 @@ def make_optimizer(train_cfg, params):
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.multi_transform({g: adam(s) for g, s in schedules.items()}, labels))
-  if train_cfg.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=train_cfg.grad_accum)
   return tx, schedules

@@ -1,8 +1,9 @@
 """The sharded train state: trainable parameters (fp32 master copies), optimizer state, step, RNG.
 
-The model is split at the jit boundary into (graphdef, trainable, frozen). Trainable parameters
-and their optimizer state live in `TrainState` as plain dicts; the frozen towers are a separate
-argument stored in the compute dtype. Everything is placed on the mesh by the logical-axis rules.
+The model is split at the jit boundary into (graphdef, trainable, frozen) (mgie_jax.build).
+Trainable parameters and their optimizer state live in `TrainState` as plain dicts; the frozen
+towers are a separate argument stored in the compute dtype. Everything is placed on the mesh by
+the logical-axis rules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgie_jax import parallel
+from mgie_jax.build import ModelParts, cast_tree, split_model, trainable_filter  # noqa: F401
 
 
 @struct.dataclass
@@ -24,49 +26,6 @@ class TrainState:
   params: dict            # trainable parameters, pure dict
   opt_state: optax.OptState
   rng: jax.Array
-
-
-def trainable_filter(prefixes):
-  """An nnx filter selecting parameters whose dotted path starts with one of `prefixes`."""
-  prefixes = tuple(prefixes)
-
-  def select(path, value):
-    name = ".".join(str(p) for p in path)
-    return isinstance(value, nnx.Param) and any(name == p or name.startswith(p + ".") for p in prefixes)
-  return select
-
-
-@dataclasses.dataclass
-class ModelParts:
-  graphdef: nnx.GraphDef
-  trainable_template: nnx.State     # abstract, with logical-axis metadata
-  frozen_template: nnx.State
-
-  def merge(self, params: dict, frozen: dict):
-    t = _from_pure(self.trainable_template, params)
-    f = _from_pure(self.frozen_template, frozen)
-    return nnx.merge(self.graphdef, t, f)
-
-
-def _from_pure(template: nnx.State, pure: dict) -> nnx.State:
-  flat = dict(nnx.to_flat_state(template))
-  leaves = {tuple(p): v for p, v in _flatten(pure)}
-  return nnx.from_flat_state([(p, var.replace(leaves[tuple(p)])) for p, var in flat.items()])
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def split_model(abstract_model, prefixes) -> ModelParts:
-  graphdef, trainable, frozen = nnx.split(abstract_model, trainable_filter(prefixes), ...)
-  if not jax.tree.leaves(trainable):
-    raise ValueError(f"no parameter matches the trainable prefixes {list(prefixes)}")
-  return ModelParts(graphdef, trainable, frozen)
 
 
 def shardings_of(template: nnx.State, mesh, rules) -> dict:
@@ -106,7 +65,3 @@ def follow_params(tree, params, param_shardings, default):
         return by_path[tail]
     return default
   return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def cast_tree(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

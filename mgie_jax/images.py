@@ -1,9 +1,12 @@
-"""Image checks for dataset building and MGIE's preprocessing, with PIL.
+"""Image decoding, checks and MGIE's preprocessing, with PIL (shared by data building, the
+loader, inference and evaluation).
 
 Building keeps the original encoded bytes; `check_image` only decides whether they are
-usable. Loading decodes them and applies MGIE's preprocessing: center-crop to a square,
-resize to 512, then bicubic to the training size in [-1, 1]; the CLIP view is the 512 image
-resized (shortest side, bicubic) and center-cropped to 224, normalised with CLIP's mean/std.
+usable. Any mode PIL decodes (palette, gray, gray+alpha, RGBA, CMYK, 16-bit) is converted with
+`.convert("RGB")`, as the reference pipelines do; only undecodable images are refused.
+MGIE's preprocessing: center-crop to a square, resize to 512, then bicubic to the training size
+in [-1, 1]; the CLIP view is the 512 image resized (shortest side, bicubic) and center-cropped
+to 224, normalised with CLIP's mean/std.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class BadImage(ValueError):
     super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-  """Raise BadImage unless `data` is a complete 8-bit RGB image; returns (width, height)."""
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, int], str]:
+  """Raise BadImage unless `data` decodes completely; returns ((width, height), PIL mode).
+
+  A mode other than RGB is fine (it is converted when decoded); the caller may count it."""
   if not data:
     raise BadImage("empty_image")
   try:
@@ -41,26 +46,34 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
   except (Image.DecompressionBombError, Image.DecompressionBombWarning):
     raise BadImage("too_large") from None
   except Exception as e:  # PIL raises many types for garbage bytes
-    raise BadImage("unreadable_image", str(e)) from None
+    detail = "not an image format PIL knows" if "cannot identify" in str(e) else str(e)
+    raise BadImage("unreadable_image", detail) from None
   if size[0] * size[1] > max_pixels:
     raise BadImage("too_large", f"{size[0]}x{size[1]}")
   if min(size) < MIN_SIDE:
     raise BadImage("too_small", f"{size[0]}x{size[1]}")
-  if mode != "RGB":
-    raise BadImage("not_rgb", mode)
   try:
     img.load()              # decodes fully: catches truncated files
+    if mode != "RGB":
+      img.convert("RGB")
   except Exception as e:
     raise BadImage("truncated_image", str(e)) from None
-  return size
+  return size, mode
 
 
 def decode_rgb(data: bytes) -> Image.Image:
+  """Encoded bytes -> an RGB PIL image (any decodable mode converted)."""
   img = Image.open(io.BytesIO(data))
   img.load()
-  if img.mode != "RGB":
-    raise BadImage("not_rgb", img.mode)
-  return img
+  return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_rgb(path) -> Image.Image:
+  """An image file -> RGB PIL image; raises BadImage when it cannot be decoded."""
+  with open(path, "rb") as f:
+    data = f.read()
+  check_image(data)
+  return decode_rgb(data)
 
 
 def center_crop_square(img: Image.Image) -> Image.Image:

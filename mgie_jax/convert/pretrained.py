@@ -1,8 +1,11 @@
-"""Building MGIE from an ml_collections config: random init (tiny) or local pretrained folders."""
+"""The full MGIE from local pretrained folders named by a config (`config.pretrained`): LLaVA (v1
+or llava-hf) + CLIP, the SD (or InstructPix2Pix) UNet and VAE, optionally MGIE's released
+`mllm.pt` / `unet.pt`; the vocabulary grown by the MGIE tokens, the UNet widened to 8 channels."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -10,30 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax.models import (AutoencoderKL, ClipVisionConfig, LlamaConfig, LlavaConfig,
-                             LlavaForConditionalGeneration, UNet2DConditionModel, UNetConfig, VAEConfig)
+from mgie_jax.diffusion.schedule import NoiseSchedule
+from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration, UNet2DConditionModel
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.mgie import MGIE, MGIEConfig
 from mgie_jax.text import LlamaTokenizer
-
-
-def runtime(c) -> dict:
-  return dict(dtype=c.model.dtype, param_dtype="float32")
-
-
-def random_config(c, tok: LlamaTokenizer) -> MGIEConfig:
-  """MGIEConfig for a randomly initialised model whose vocabulary is the tokenizer's."""
-  m, rt = c.model, runtime(c)
-  llava = LlavaConfig(
-      vision=ClipVisionConfig(**dict(m.vision), **rt, remat=m.remat, attention_impl=m.attention_impl),
-      text=LlamaConfig(vocab_size=len(tok), **dict(m.text), **rt, remat=m.remat,
-                       attention_impl=m.attention_impl, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id),
-      projector=m.projector, image_token_id=tok.token_to_id("<im_patch>"), layout="v1")
-  return MGIEConfig(
-      llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
-      unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
-      vae=VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
-      ins_loss_weight=c.train.ins_loss_weight, edit_loss_weight=c.train.edit_loss_weight)
 
 
 def resize_vocab(llava: LlavaForConditionalGeneration, vocab: int, key) -> LlavaForConditionalGeneration:
@@ -61,8 +45,22 @@ def resize_vocab(llava: LlavaForConditionalGeneration, vocab: int, key) -> Llava
   return nnx.merge(graphdef, nnx.from_flat_state(list(state.items())))
 
 
+def load_vae(path: str, rt: dict) -> AutoencoderKL:
+  return AutoencoderKL.from_pretrained(path, **rt)
+
+
+def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
+  """The training schedule in an SD/InstructPix2Pix folder's scheduler/scheduler_config.json."""
+  path = os.path.join(sd, "scheduler", "scheduler_config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return NoiseSchedule.from_diffusers(json.load(f))
+
+
 def load_pretrained(c, tok: LlamaTokenizer) -> MGIE:
   """The full MGIE from local folders (config.pretrained), on the host, ready to be sharded."""
+  from mgie_jax.build import noise_schedule, runtime
   from mgie_jax.convert.diffusion import unet_from_state_dict
   from mgie_jax.convert.mgie import edit_head_from_state_dict
   p, rt = c.pretrained, runtime(c)
@@ -88,8 +86,8 @@ def load_pretrained(c, tok: LlamaTokenizer) -> MGIE:
   else:
     unet = UNet2DConditionModel.from_pretrained(p.sd, in_channels=8, attention_impl=c.model.attention_impl,
                                                 remat=c.model.remat != "none", **rt)
-  vae = AutoencoderKL.from_pretrained(p.sd, **rt)
+  vae = load_vae(p.get("vae") or p.sd, rt)
   cfg = MGIEConfig(llava=llava.config, edit_head=head_cfg, unet=unet.config, vae=vae.config,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   edit_loss_weight=c.train.edit_loss_weight)
+                   edit_loss_weight=c.train.edit_loss_weight, noise=noise_schedule(c))
   return MGIE.from_parts(cfg, llava, head, unet, vae)

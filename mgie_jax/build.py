@@ -1,0 +1,162 @@
+"""MGIE's structure from an ml_collections config: random initialisation (tiny configs), local
+pretrained folders (the full recipe), or random towers with some parts loaded (e.g. the tiny
+config's trained VAE). Training, inference, evaluation and export all build the model here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgie_jax.diffusion.schedule import NoiseSchedule
+from mgie_jax.models import (ClipVisionConfig, LlamaConfig, LlavaConfig, UNetConfig, VAEConfig)
+from mgie_jax.models.edit_head import EditHeadConfig
+from mgie_jax.models.mgie import MGIE, MGIEConfig
+from mgie_jax.text import LlamaTokenizer
+
+
+def runtime(c) -> dict:
+  return dict(dtype=c.model.dtype, param_dtype="float32")
+
+
+def noise_schedule(c) -> NoiseSchedule:
+  """The training noise schedule: config.model.noise when it is set, else the pretrained SD
+  folder's scheduler/scheduler_config.json, else SD's (scaled-linear, epsilon)."""
+  given = dict(c.model.get("noise", None) or {})
+  if given:
+    return NoiseSchedule(**given)
+  if pretrained(c, "sd"):
+    from mgie_jax.convert.pretrained import sd_noise_schedule
+    found = sd_noise_schedule(pretrained(c, "sd"))
+    if found is not None:
+      return found
+  return NoiseSchedule()
+
+
+def pretrained(c, name: str) -> str:
+  p = c.get("pretrained", None)
+  return (p.get(name, "") or "") if p is not None else ""
+
+
+def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEConfig:
+  """MGIEConfig for a randomly initialised model whose vocabulary is the tokenizer's."""
+  m, rt = c.model, runtime(c)
+  llava = LlavaConfig(
+      vision=ClipVisionConfig(**dict(m.vision), **rt, remat=m.remat, attention_impl=m.attention_impl),
+      text=LlamaConfig(vocab_size=len(tok), **dict(m.text), **rt, remat=m.remat,
+                       attention_impl=m.attention_impl, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id),
+      projector=m.projector, image_token_id=tok.token_to_id("<im_patch>"), layout="v1")
+  return MGIEConfig(
+      llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
+      unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
+      vae=vae or VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
+      ins_loss_weight=c.train.ins_loss_weight, edit_loss_weight=c.train.edit_loss_weight,
+      noise=noise_schedule(c))
+
+
+@dataclasses.dataclass
+class Built:
+  config: MGIEConfig
+  abstract: MGIE                       # shapes, dtypes and logical axes; no arrays
+  host_model: MGIE | None = None       # the whole model in host memory (pretrained init)
+  loaded: dict = dataclasses.field(default_factory=dict)   # top-level part -> loaded module
+
+
+def build(c, tok: LlamaTokenizer) -> Built:
+  """The model a config describes; loads the pretrained parts it names."""
+  from mgie_jax.convert import pretrained as pretrained_lib
+  if c.model.init == "random":
+    loaded = {}
+    vae_cfg = None
+    if pretrained(c, "vae"):
+      loaded["vae"] = pretrained_lib.load_vae(pretrained(c, "vae"), runtime(c))
+      vae_cfg = loaded["vae"].config
+    mcfg = random_config(c, tok, vae_cfg)
+    return Built(mcfg, nnx.eval_shape(lambda: MGIE(mcfg, rngs=nnx.Rngs(c.seed))), None, loaded)
+  if c.model.init != "pretrained":
+    raise ValueError(f"config.model.init must be 'random' or 'pretrained', got {c.model.init!r}")
+  host = pretrained_lib.load_pretrained(c, tok)
+  return Built(host.config, host, host)
+
+
+# --- trainable / frozen split -------------------------------------------------------------------
+
+def trainable_filter(prefixes):
+  """An nnx filter selecting parameters whose dotted path starts with one of `prefixes`."""
+  prefixes = tuple(prefixes)
+
+  def select(path, value):
+    name = ".".join(str(p) for p in path)
+    return isinstance(value, nnx.Param) and any(name == p or name.startswith(p + ".") for p in prefixes)
+  return select
+
+
+@dataclasses.dataclass
+class ModelParts:
+  graphdef: nnx.GraphDef
+  trainable_template: nnx.State     # abstract, with logical-axis metadata
+  frozen_template: nnx.State
+
+  def merge(self, params: dict, frozen: dict):
+    t = _from_pure(self.trainable_template, params)
+    f = _from_pure(self.frozen_template, frozen)
+    return nnx.merge(self.graphdef, t, f)
+
+
+def _from_pure(template: nnx.State, pure: dict) -> nnx.State:
+  flat = dict(nnx.to_flat_state(template))
+  leaves = {tuple(p): v for p, v in _flatten(pure)}
+  return nnx.from_flat_state([(p, var.replace(leaves[tuple(p)])) for p, var in flat.items()])
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def split_model(abstract_model, prefixes) -> ModelParts:
+  graphdef, trainable, frozen = nnx.split(abstract_model, trainable_filter(prefixes), ...)
+  if not jax.tree.leaves(trainable):
+    raise ValueError(f"no parameter matches the trainable prefixes {list(prefixes)}")
+  return ModelParts(graphdef, trainable, frozen)
+
+
+def cast_tree(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def frozen_params(c, built: Built, parts: ModelParts, shardings: dict, mesh) -> dict:
+  """The frozen towers, placed on `mesh`: rebuilt from their source (they are not checkpointed):
+  the seeded initialisation of a random config with loaded parts swapped in, or the pretrained
+  weights."""
+  dtype = jnp.dtype(c.model.frozen_dtype)
+  if built.host_model is not None:
+    return jax.device_put(cast_tree(nnx.to_pure_dict(parts.frozen_template), dtype), shardings)
+
+  def init():
+    model = MGIE(built.config, rngs=nnx.Rngs(c.seed))
+    _, _, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
+    return cast_tree(nnx.to_pure_dict(frozen), dtype)
+
+  with jax.set_mesh(mesh):
+    frozen = jax.jit(init, out_shardings=shardings)()
+  for name, module in built.loaded.items():
+    if name not in frozen:
+      raise ValueError(f"{name} is loaded from a folder but trained: list it as frozen")
+    frozen[name] = jax.device_put(cast_tree(nnx.to_pure_dict(nnx.state(module)), dtype), shardings[name])
+  return frozen
+
+
+def tokenizer_dir(c, workdir: str) -> str:
+  """The tokenizer folder a config names, or the synthetic one generated under the workdir."""
+  if c.data.tokenizer:
+    return c.data.tokenizer
+  if pretrained(c, "llava"):
+    return pretrained(c, "llava")
+  return os.path.join(workdir, "data", "synthetic_source", "tokenizer")

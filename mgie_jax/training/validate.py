@@ -1,0 +1,118 @@
+"""Checks of a training config against the machine and the filesystem, made before any model is
+built or compiled: every mistake a user can make becomes one UserError line."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from etils import epath
+
+from mgie_jax import errors, parallel
+from mgie_jax.build import pretrained
+
+
+def mesh_sizes(mesh: dict, devices: int) -> dict:
+  """The mesh's axis sizes for `devices` devices (one size may be -1), or a UserError."""
+  sizes = {k: int(mesh.get(k, 1)) for k in parallel.MESH_AXES}
+  free = [k for k, v in sizes.items() if v == -1]
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if len(free) > 1 or known <= 0 or (free and devices % known) or (not free and known != devices):
+    raise errors.MESH_DEVICES(mesh=dict(mesh), devices=devices)
+  if free:
+    sizes[free[0]] = devices // known
+  return sizes
+
+
+def batch_ways(sizes: dict, rules) -> int:
+  """How many ways the 'batch' logical axis is split over the mesh."""
+  for name, axes in rules:
+    if name == "batch":
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      return math.prod(sizes[a] for a in axes)
+  return 1
+
+
+def check_batch(c, devices: int, processes: int) -> None:
+  sizes = mesh_sizes(dict(c.mesh), devices)
+  ways = batch_ways(sizes, c.rules)
+  b, accum = int(c.train.batch_size), int(c.train.grad_accum)
+  if accum < 1:
+    raise errors.BAD_OPTION(flag="--config.train.grad_accum", detail=f"{accum}", fix="use 1 or more")
+  if b < 1 or b % ways:
+    suggestion = max(ways, (b // ways) * ways or ways)
+    raise errors.BATCH_MESH(name="train.batch_size", batch=b, ways=ways, suggestion=suggestion)
+  if b % processes:
+    raise errors.BATCH_HOSTS(name="train.batch_size", batch=b, hosts=processes)
+  if b % (accum * ways):
+    raise errors.GRAD_ACCUM(batch=b, accum=accum, ways=ways)
+  shards = int(c.data.shards or processes)
+  if shards % processes or (b // processes) % (shards // processes):
+    raise errors.BAD_OPTION(flag="--config.data.shards", detail=f"{shards} data shards over {processes} "
+                            f"processes with a per-process batch of {b // processes}",
+                            fix="use a multiple of the process count that divides the per-process batch")
+
+
+def check_dataset(path: str, name: str, splits=("train",), extra: str = "") -> None:
+  p = epath.Path(path)
+  if not (p / "dataset_info.json").exists():
+    raise errors.NOT_A_DATASET(name=name, path=path, extra=extra)
+  import json
+  info = json.loads((p / "dataset_info.json").read_text())
+  have = [s.get("name") for s in info.get("splits", [])]
+  for split in splits:
+    if split not in have:
+      raise errors.NO_SPLIT(path=path, split=split, splits=", ".join(map(str, have)) or "none")
+
+
+def check_tokenizer(path: str, name: str) -> None:
+  if not (epath.Path(path) / "tokenizer.model").exists():
+    raise errors.NO_TOKENIZER(name=name, path=path)
+
+
+def check_folder(path: str, name: str) -> None:
+  if not epath.Path(path).is_dir():
+    raise errors.PRETRAINED_MISSING(name=name, path=path)
+
+
+def check_file(path: str, name: str) -> None:
+  if not epath.Path(path).is_file():
+    raise errors.PRETRAINED_MISSING(name=name, path=path)
+
+
+def check_training_config(c, devices: int, processes: int) -> None:
+  """Everything about a training config that can be checked without building a model."""
+  if int(c.train.steps) < 1:
+    raise errors.BAD_OPTION(flag="--config.train.steps", detail=f"{c.train.steps}", fix="use 1 or more")
+  check_batch(c, devices, processes)
+  if c.data.dir:
+    splits = ("train", "validation") if (c.log.sample_every or c.get("eval", {}).get("every")) else ("train",)
+    check_dataset(c.data.dir, "config.data.dir", splits,
+                  extra=", or leave config.data.dir empty for the built-in synthetic data")
+  if c.data.tokenizer:
+    check_tokenizer(c.data.tokenizer, "config.data.tokenizer")
+  elif c.data.dir and not pretrained(c, "llava"):
+    raise errors.NO_TOKENIZER(name="config.data.tokenizer", path="(empty)")
+  if c.model.init == "pretrained":
+    for key in ("llava", "sd"):
+      if not pretrained(c, key):
+        raise errors.PRETRAINED_MISSING(name=f"config.pretrained.{key}", path="(empty)")
+    for key in ("llava", "sd", "vision_tower", "vae"):
+      if pretrained(c, key):
+        check_folder(pretrained(c, key), f"config.pretrained.{key}")
+    if not c.data.tokenizer:
+      check_tokenizer(pretrained(c, "llava"), "config.pretrained.llava")
+    for key in ("mllm_pt", "unet_pt"):
+      if pretrained(c, key):
+        check_file(pretrained(c, key), f"config.pretrained.{key}")
+  elif pretrained(c, "vae"):
+    check_folder(pretrained(c, "vae"), "config.pretrained.vae")
+
+
+def local_path(path: str) -> bool:
+  return "://" not in str(path) or str(path).startswith("file://")
+
+
+def ensure_parent(path: str) -> None:
+  if local_path(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)

@@ -1,0 +1,228 @@
+"""First contact: every mistake a user makes with the commands is one line on stderr with exit
+code 2, found before any model is built; nothing is written or lost on the way."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import ORIGINAL_XLA_FLAGS, xla_flags
+from configs import tiny
+from data_pipelines import synthetic
+from data_pipelines.ipr2pr import build
+from data_pipelines.loader import LoaderConfig, make_loader
+from mgie_jax import errors
+from mgie_jax.training.checkpoint import Checkpointer
+from mgie_jax.training.setup import make_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_MODELS = ["mgie_jax.build:build", "mgie_jax.training.setup:make_setup", "mgie_jax.trained:load"]
+
+
+def run_cases(cases):
+  """Each case in a forked child of one driver process (tests/cli_cases.py)."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1, ORIGINAL_XLA_FLAGS),
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_cases.py")], input=json.dumps(cases),
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+def user_error(result, *words):
+  """Exit code 2, one `error:` line that holds `words`, no traceback."""
+  assert result["rc"] == 2, result
+  assert "Traceback" not in result["stderr"], result["stderr"][-2000:]
+  lines = [l for l in result["stderr"].splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, result["stderr"]
+  for w in words:
+    assert w in lines[0], (w, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("cli_data"))
+  synthetic.write_dataset(root, prompts=24, seeds=2, size=64)
+  builder = build(root, os.path.join(root, "tfds"), "folder", os.path.join(root, "expressive.json"))
+  return str(builder.data_dir), os.path.join(root, "tokenizer"), root
+
+
+def tiny_config(data):
+  c = tiny.get_config()
+  c.data.dir, c.data.tokenizer = data[0], data[1]
+  c.data.num_threads = 2
+  return c
+
+
+def train_flags(data, workdir, *extra):
+  return ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.dir={data[0]}",
+          f"--config.data.tokenizer={data[1]}", "--config.log.sample_every=0", "--config.log.tensorboard=False",
+          "--config.data.num_threads=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def saved_run(data, tmp_path_factory):
+  """A run with checkpoints at steps 2, 4 and 6 (model, optimizer, data iterator, config)."""
+  workdir = str(tmp_path_factory.mktemp("saved_run"))
+  c = tiny_config(data)
+  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, _ = run.new_state()
+  loader = make_loader(LoaderConfig(data_dir=c.data.dir, batch_size=8, resolution=c.data.resolution,
+                                    clip_resolution=28, tokenizer=c.data.tokenizer, max_length=c.data.max_length,
+                                    num_image_tokens=16, seed=c.seed, num_threads=2), 0, 1)
+  ckpt = Checkpointer(workdir, every=1, keep=5, async_save=False)
+  config = json.loads(c.to_json_best_effort())
+  for step in (2, 4, 6):
+    next(loader)
+    ckpt.save(step, state.replace(step=jax.numpy.int32(step)), loader, config, force=True)
+  ckpt.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def results(data, saved_run, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("cli")
+  photo = tmp / "photo.png"
+  from PIL import Image
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(photo)
+  (tmp / "notes.jpg").write_text("not an image")
+  empty_workdir = tmp / "never_trained"
+  corrupted = str(tmp / "corrupted")
+  shutil.copytree(saved_run, corrupted)
+  for f in (tmp / "corrupted" / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and "metadata" not in f.name:
+      f.write_bytes(b"\0garbage")
+  restored = str(tmp / "restored")
+  shutil.copytree(corrupted, restored)
+  other_src = tmp / "other_source"
+  synthetic.write_dataset(str(other_src), prompts=20, seeds=1, size=32, tokenizer=False)
+  (tmp / "not_a_release").mkdir()
+  edit = lambda *a: {"module": "mgie_jax.edit", "argv": list(a), "forbid": NO_MODELS}
+  good = [f"--workdir={saved_run}", f"--image={photo}", "--instruction=make it blue"]
+  eight = {"XLA_FLAGS": xla_flags(8, ORIGINAL_XLA_FLAGS)}
+  train = lambda *a, forbid=NO_MODELS, env=eight: {"module": "mgie_jax.train", "argv": list(a), "forbid": forbid,
+                                                  "env": env}
+  buildc = lambda *a: {"module": "data_pipelines.build", "argv": list(a), "forbid": NO_MODELS}
+  cases = {
+      "image_missing": edit(*good[:1], f"--image={tmp / 'nope.jpg'}", "--instruction=x"),
+      "image_folder": edit(*good[:1], f"--image={tmp}", "--instruction=x"),
+      "image_text": edit(*good[:1], f"--image={tmp / 'notes.jpg'}", "--instruction=x"),
+      "instruction_empty": edit(*good[:2], "--instruction=  "),
+      "out_folder": edit(*good, f"--out={tmp}"),
+      "out_extension": edit(*good, f"--out={tmp / 'edited.txt'}"),
+      "no_checkpoint": edit(f"--workdir={empty_workdir}", *good[1:]),
+      "both": edit(*good, f"--checkpoint={saved_run}/checkpoints/2"),
+      "no_step": edit(*good, "--step=5"),
+      "image_flag_missing": edit(good[0], "--instruction=x"),
+      "config_key": train(*train_flags(data, tmp / "w1", "--config.train.batchsize=8")),
+      "config_value": train(*train_flags(data, tmp / "w2", "--config.train.batch_size=abc")),
+      "config_file": train("--config=configs/nope.py", f"--workdir={tmp / 'w3'}"),
+      "batch_mesh": train(*train_flags(data, tmp / "w4", "--config.train.batch_size=6")),
+      "grad_accum": train(*train_flags(data, tmp / "w5", "--config.train.grad_accum=3")),
+      "not_a_dataset": train(*train_flags(data, tmp / "w6", f"--config.data.dir={tmp / 'not_a_release'}")),
+      "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
+      "mismatch": train(*train_flags(data, saved_run, "--config.train.steps=8",
+                                     "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
+      "damaged": train(*train_flags(data, corrupted, "--config.train.steps=8"), forbid=[], env={}),
+      "restore_step": train(*train_flags(data, restored, "--config.train.steps=7", "--config.log.every=1",
+                                         "--config.checkpoint.restore_step=4"), forbid=[], env={}),
+      "build_missing_dir": buildc("ipr2pr", f"--manual_dir={tmp / 'nope'}", f"--data_dir={tmp / 'tfds'}",
+                                  "--missing_expressive=instruction"),
+      "build_not_release": buildc("ipr2pr", f"--manual_dir={tmp / 'not_a_release'}", f"--data_dir={tmp / 'tfds'}",
+                                  "--missing_expressive=instruction"),
+      "build_no_expressive": buildc("ipr2pr", f"--manual_dir={data[2]}", f"--data_dir={tmp / 'tfds'}"),
+      "build_other_source": buildc("ipr2pr", f"--manual_dir={other_src}",
+                                   f"--data_dir={os.path.dirname(os.path.dirname(os.path.dirname(data[0])))}",
+                                   "--missing_expressive=instruction"),
+      "build_no_data_dir": buildc("ipr2pr", f"--manual_dir={data[2]}"),
+  }
+  out = dict(zip(cases, run_cases(list(cases.values()))))
+  out["_paths"] = {"empty_workdir": str(empty_workdir), "restored": restored, "tmp": str(tmp)}
+  return out
+
+
+def test_edit_input_mistakes(results):
+  user_error(results["image_missing"], "--image", "nope.jpg", "does not exist")
+  user_error(results["image_folder"], "is a folder")
+  user_error(results["image_text"], "notes.jpg", "not a readable image")
+  user_error(results["instruction_empty"], "--instruction is empty")
+  user_error(results["out_folder"], "--out", "is a folder")
+  user_error(results["out_extension"], "unknown image extension '.txt'")
+  user_error(results["both"], "exactly one of --workdir and --checkpoint")
+  user_error(results["no_step"], "no checkpoint step 5", "steps: 2, 4, 6")
+  user_error(results["image_flag_missing"], "--image is required")
+
+
+def test_edit_is_read_only_and_names_its_own_options(results):
+  line = user_error(results["no_checkpoint"], "no checkpoint in", "--checkpoint=")
+  assert "never_trained" in line
+  assert not os.path.exists(results["_paths"]["empty_workdir"])        # nothing created
+
+
+def test_train_config_mistakes_before_any_model(results):
+  user_error(results["config_key"], "--config.train.batchsize", "no key 'train.batchsize'", "train.batch_size")
+  user_error(results["config_value"], "--config.train.batch_size", "abc")
+  user_error(results["config_file"], "configs/nope.py", "no such file")
+  user_error(results["batch_mesh"], "train.batch_size 6", "data x fsdp = 8", "multiple of 8")
+  user_error(results["grad_accum"], "grad_accum=3")
+  user_error(results["not_a_dataset"], "config.data.dir", "no built dataset", "data_pipelines.build")
+  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset"):
+    assert results[name]["seconds"] < 30, (name, results[name]["seconds"])     # no model, no compile
+  for name in ("w1", "w4", "w5", "w6"):
+    assert not os.path.exists(os.path.join(results["_paths"]["tmp"], name))   # nothing half-written
+
+
+def test_a_finished_run_exits_at_once(results):
+  r = results["finished"]
+  assert r["rc"] == 0, r["stderr"][-2000:]
+  assert "already finished (step 6 of 6)" in r["stderr"] and "FORBIDDEN" not in r["stderr"]
+
+
+def test_restoring_onto_another_model_config_says_what_differs(results):
+  line = user_error(results["mismatch"], "checkpoint step 6 does not fit this model", "unet.")
+  assert "model.unet.block_out_channels=[32, 64] (now [16, 32])" in line
+
+
+def test_damaged_checkpoint_lists_intact_steps_and_the_flag(results):
+  user_error(results["damaged"], "checkpoint step 6", "cannot be read", "intact earlier steps: 4, 2",
+             "--config.checkpoint.restore_step=4")
+  r = results["restore_step"]
+  assert r["rc"] == 0, r["stderr"][-3000:]
+  restored = results["_paths"]["restored"]
+  with open(os.path.join(restored, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == [5, 6, 7]
+  assert sorted(os.listdir(os.path.join(restored, "checkpoints"))) == ["2", "4", "7"]
+  aside = os.listdir(os.path.join(restored, "checkpoints.superseded"))
+  assert len(aside) == 1 and aside[0].startswith("6.")                 # moved aside, not deleted
+
+
+def test_log_lines_are_not_printed_over_the_progress_bar(results):
+  err = results["restore_step"]["stderr"]
+  segments = [s for s in re.split(r"[\r\n]", err) if "mgie_jax.train: step" in s]
+  assert len(segments) == 3
+  for s in segments:       # each log line starts its own line, not glued to the bar's text
+    assert re.match(r"\s*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", s), s
+
+
+def test_build_mistakes(results, data):
+  user_error(results["build_missing_dir"], "--manual_dir", "does not exist")
+  user_error(results["build_not_release"], "not an IPr2Pr folder release")
+  user_error(results["build_no_expressive"], "no --expressive file", "--missing_expressive=instruction")
+  user_error(results["build_other_source"], "was built from", "--overwrite")
+  user_error(results["build_no_data_dir"], "--data_dir")
+  # The dataset the refused rebuild named is intact.
+  import tensorflow_datasets as tfds
+  assert tfds.builder_from_directory(data[0]).info.splits["train"].num_examples > 0
+
+
+def test_readme_common_errors_section_is_generated_from_the_messages():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  assert errors.markdown() in readme, "regenerate it with: python -m mgie_jax.errors"
