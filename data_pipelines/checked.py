@@ -139,7 +139,10 @@ class CheckedBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def fingerprint(source: dict) -> str:
-  return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  """What the data is, not where it lies: the source's contents and the build options (a moved
+  or copied source, e.g. inside a moved workdir, is the same source). File paths are left out."""
+  keep = {k: v for k, v in source.items() if k not in ("dir", "expressive")}
+  return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_digest(path: str | None) -> str | None:

@@ -11,6 +11,7 @@ Batches are dicts of numpy arrays:
   edited_image f32 [B, R, R, 3] in [-1, 1]
   clip_image   f32 [B, 224, 224, 3]           (CLIP mean/std normalised view of the input)
   input_ids / labels / attention_mask  int32 [B, max_length]  (when a tokenizer is given)
+  instruction_ids / instruction_mask   int32 [B, text_length]  (when text_length > 0)
 The iterator's state (`get_state`/`set_state`, or grain's Orbax handler) restores exactly.
 """
 
@@ -41,6 +42,8 @@ class LoaderConfig:
   tokenizer: str | None = None       # folder with tokenizer.model; None: images and text only
   max_length: int = 512
   num_image_tokens: int = 256
+  text_length: int = 0               # > 0: also instruction_ids / instruction_mask (the terse
+                                     # instruction alone, bos ... eos, for a text-only editor)
   random_flip: bool = False          # off in MGIE: "move it to the left" would lie after a flip
   shuffle: bool = True
   seed: int = 0
@@ -111,6 +114,10 @@ class Preprocess:
       out["input_ids"] = np.pad(ex.input_ids, (0, pad)).astype(np.int32)
       out["labels"] = np.pad(ex.labels, (0, pad), constant_values=IGNORE_INDEX).astype(np.int32)
       out["attention_mask"] = (np.arange(self.cfg.max_length) < n).astype(np.int32)
+      if self.cfg.text_length:
+        ids = self.tokenizer.encode(text("instruction"))[:self.cfg.text_length - 1] + [self.tokenizer.eos_id]
+        out["instruction_ids"] = np.pad(np.asarray(ids, np.int32), (0, self.cfg.text_length - len(ids)))
+        out["instruction_mask"] = (np.arange(self.cfg.text_length) < len(ids)).astype(np.int32)
     return out
 
 

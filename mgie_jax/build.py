@@ -1,6 +1,7 @@
-"""MGIE's structure from an ml_collections config: random initialisation (tiny configs), local
+"""The model's structure from an ml_collections config: random initialisation (tiny configs), local
 pretrained folders (the full recipe), or random towers with some parts loaded (e.g. the tiny
-config's trained VAE). Training, inference, evaluation and export all build the model here."""
+config's trained VAE). `config.model.kind` is "mgie" (default) or "ip2p" (the text-only
+InstructPix2Pix baseline). Training, inference, evaluation and export all build the model here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from flax import nnx
 
 from mgie_jax.diffusion.schedule import NoiseSchedule
 from mgie_jax.models import (ClipVisionConfig, LlamaConfig, LlavaConfig, UNetConfig, VAEConfig)
+from mgie_jax.models.clip import ClipTextConfig
 from mgie_jax.models.edit_head import EditHeadConfig
+from mgie_jax.models.ip2p import InstructPix2Pix, IP2PConfig
 from mgie_jax.models.mgie import MGIE, MGIEConfig
 from mgie_jax.text import LlamaTokenizer
 
@@ -54,32 +57,71 @@ def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEC
       unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
       vae=vae or VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
       ins_loss_weight=c.train.ins_loss_weight, edit_loss_weight=c.train.edit_loss_weight,
-      noise=noise_schedule(c))
+      noise=noise_schedule(c), min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+
+
+def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PConfig:
+  """The text-only baseline: a CLIP-style text encoder (random init) of the terse instruction."""
+  m, rt = c.model, runtime(c)
+  text = ClipTextConfig(vocab_size=len(tok), **dict(m.text_encoder), eos_token_id=tok.eos_id, **rt,
+                        attention_impl=m.attention_impl)
+  return IP2PConfig(text=text, unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
+                    vae=vae or VAEConfig(**dict(m.vae), **rt), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                    text_length=int(c.data.text_length),
+                    edit_loss_weight=c.train.edit_loss_weight, noise=noise_schedule(c),
+                    min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+
+
+def model_kind(c) -> str:
+  return c.model.get("kind", "mgie") or "mgie"
 
 
 @dataclasses.dataclass
 class Built:
-  config: MGIEConfig
-  abstract: MGIE                       # shapes, dtypes and logical axes; no arrays
-  host_model: MGIE | None = None       # the whole model in host memory (pretrained init)
+  config: MGIEConfig | IP2PConfig
+  abstract: MGIE | InstructPix2Pix     # shapes, dtypes and logical axes; no arrays
+  plan: object | None = None           # pretrained init: a loader per parameter (convert.pretrained)
   loaded: dict = dataclasses.field(default_factory=dict)   # top-level part -> loaded module
 
+  @property
+  def host_model(self):
+    """The whole pretrained model materialised on the host (small models, tests)."""
+    return None if self.plan is None else self.plan.materialize()
 
-def build(c, tok: LlamaTokenizer) -> Built:
-  """The model a config describes; loads the pretrained parts it names."""
+  @property
+  def cls(self):
+    return InstructPix2Pix if isinstance(self.config, IP2PConfig) else MGIE
+
+
+def synthetic_vae_dir(workdir) -> str:
+  """Where the train command puts the VAE it trains on the synthetic data (pretrained.vae="synthetic")."""
+  return os.path.join(str(workdir), "data", "vae")
+
+
+def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
+  """The model a config describes; loads the pretrained parts it names (a "synthetic" VAE from
+  `workdir`)."""
   from mgie_jax.convert import pretrained as pretrained_lib
   if c.model.init == "random":
     loaded = {}
     vae_cfg = None
-    if pretrained(c, "vae"):
-      loaded["vae"] = pretrained_lib.load_vae(pretrained(c, "vae"), runtime(c))
+    vae = pretrained(c, "vae")
+    if vae == "synthetic":
+      if workdir is None:
+        raise ValueError("config.pretrained.vae='synthetic' is the VAE trained under a workdir: pass it")
+      vae = synthetic_vae_dir(workdir)
+    if vae:
+      loaded["vae"] = pretrained_lib.load_vae(vae, runtime(c))
       vae_cfg = loaded["vae"].config
-    mcfg = random_config(c, tok, vae_cfg)
-    return Built(mcfg, nnx.eval_shape(lambda: MGIE(mcfg, rngs=nnx.Rngs(c.seed))), None, loaded)
+    if model_kind(c) == "ip2p":
+      cfg, cls = ip2p_config(c, tok, vae_cfg), InstructPix2Pix
+    else:
+      cfg, cls = random_config(c, tok, vae_cfg), MGIE
+    return Built(cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(c.seed))), None, loaded)
   if c.model.init != "pretrained":
     raise ValueError(f"config.model.init must be 'random' or 'pretrained', got {c.model.init!r}")
-  host = pretrained_lib.load_pretrained(c, tok)
-  return Built(host.config, host, host)
+  plan = pretrained_lib.pretrained_plan(c, tok)
+  return Built(plan.config, plan.abstract, plan)
 
 
 # --- trainable / frozen split -------------------------------------------------------------------
@@ -136,11 +178,12 @@ def frozen_params(c, built: Built, parts: ModelParts, shardings: dict, mesh) -> 
   the seeded initialisation of a random config with loaded parts swapped in, or the pretrained
   weights."""
   dtype = jnp.dtype(c.model.frozen_dtype)
-  if built.host_model is not None:
-    return jax.device_put(cast_tree(nnx.to_pure_dict(parts.frozen_template), dtype), shardings)
+  if built.plan is not None:     # each tensor from its file straight onto its sharding
+    from mgie_jax.parallel import place_tree
+    return place_tree(built.plan.loaders, nnx.to_pure_dict(parts.frozen_template), shardings, dtype)
 
   def init():
-    model = MGIE(built.config, rngs=nnx.Rngs(c.seed))
+    model = built.cls(built.config, rngs=nnx.Rngs(c.seed))
     _, _, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
     return cast_tree(nnx.to_pure_dict(frozen), dtype)
 

@@ -55,7 +55,9 @@ def plan(c):
   if not c.dataset.dir:
     raise errors.NOT_A_DATASET(name="config.dataset.dir", path="(empty)",
                                extra=", e.g. python -m data_pipelines.build magicbrush ...")
-  check_dataset(c.dataset.dir, "config.dataset.dir", (c.dataset.split,))
+  check_dataset(c.dataset.dir, "config.dataset.dir", tuple(c.dataset.split.split("+")))
+  if c.dataset.subset:
+    _check_file(c.dataset.subset_file, "config.dataset.subset_file")
   modes = words(c.mode)
   if not modes or set(modes) - {"single", "multi"}:
     raise errors.BAD_OPTION(flag="--config.mode", detail=f"{c.mode!r}", fix="use single, multi or single,multi")
@@ -110,6 +112,7 @@ def _check_file(path, name):
 
 
 def load_editor(spec, c):
+  import jax
   from mgie_jax.evaluation import editors as ed
   kind, what, step = spec
   if kind == "copy":
@@ -118,22 +121,24 @@ def load_editor(spec, c):
     return ed.InstructPix2PixEditor("ip2p", what, resolution=c.resolution or 512)
   if kind == "run":
     from mgie_jax import trained as trained_lib
-    run = trained_lib.load(what, step)
+    run = trained_lib.load(what, step, devices=jax.local_devices())   # hosts evaluate independently
     name = os.path.basename(os.path.normpath(str(what)))
     res = c.resolution or (512 if run.pretrained else run.config.data.resolution)
     return ed.MGIEEditor(name, run.model, run.tok, step=step, resolution=res, max_new_tokens=c.max_new_tokens,
                          mesh=run.mesh)
   # a pretrained MGIE (e.g. the release) from the full recipe's config and these folders
   from configs import ipr2pr
-  from mgie_jax import build as build_lib
+  from mgie_jax import trained as trained_lib
   from mgie_jax.text import LlamaTokenizer
   tc = ipr2pr.get_config()
   tc.model.dtype = tc.model.frozen_dtype = c.pretrained_dtype
   for k in ("llava", "vision_tower", "sd", "mllm_pt", "unet_pt"):
     tc.pretrained[k] = c.pretrained[k]
+  tc.mesh = dict(data=1, fsdp=-1, tensor=1)
   tok = LlamaTokenizer.from_pretrained(c.pretrained.llava)
-  model = build_lib.build(tc, tok).host_model
-  return ed.MGIEEditor(what, model, tok, resolution=c.resolution or 512, max_new_tokens=c.max_new_tokens)
+  model, mesh = trained_lib.from_config(tc, tok, devices=jax.local_devices())
+  return ed.MGIEEditor(what, model, tok, resolution=c.resolution or 512, max_new_tokens=c.max_new_tokens,
+                       mesh=mesh)
 
 
 def main(argv):
@@ -153,9 +158,12 @@ def main(argv):
   from mgie_jax.evaluation.sweep import COPY, Results, Sweep, load_examples
   workdir = epath.Path(FLAGS.workdir)
   lead = jax.process_index() == 0
-  examples = load_examples(c.dataset.dir, c.dataset.split, c.dataset.limit)
+  examples = select(load_examples(c.dataset.dir, c.dataset.split, c.dataset.limit), c)
   mm = c.metric_models
-  metrics = metrics_lib.make_metrics(metric_names, clip=mm.clip, dino=mm.dino,
+  palette = None
+  if set(metric_names) & set(metrics_lib.PALETTE):
+    from data_pipelines.synthetic import COLORS as palette     # the synthetic data's palette
+  metrics = metrics_lib.make_metrics(metric_names, clip=mm.clip, dino=mm.dino, palette=palette,
                                      lpips_alex=(mm.lpips, mm.lpips_heads) if mm.lpips else (),
                                      lpips_vgg=(mm.lpips_vgg, mm.lpips_vgg_heads) if mm.lpips_vgg else ())
   results = Results(workdir, jax.process_index())
@@ -182,10 +190,23 @@ def main(argv):
     write_reports(workdir, c, metric_names, metrics)
 
 
+def select(examples, c):
+  """The examples of `dataset.subset` (by `dataset.subset_file`: {key: {"subset": ...}}), or all."""
+  if not c.dataset.subset:
+    return examples
+  import json
+  from etils import epath
+  table = json.loads(epath.Path(c.dataset.subset_file).read_text())
+  keep = [e for e in examples if (table.get(e.key) or {}).get("subset") == c.dataset.subset]
+  log.info("subset %r: %d of %d examples", c.dataset.subset, len(keep), len(examples))
+  return keep
+
+
 def write_reports(workdir, c, metric_names, metrics):
   from mgie_jax.evaluation import report
   from mgie_jax.evaluation.sweep import Results
   rows = Results.read(workdir)
+  metric_names = list(metric_names) + [m for m in ("exp_token_acc", "exp_exact") if any(m in r for r in rows)]
   summary = report.summarize(rows, metric_names)
   report.write_csv(summary, workdir / "summary.csv")
   lower = [m.name for m in metrics if m.lower_is_better]

@@ -71,6 +71,53 @@ def _conditions(model, ids, mask, clip_images):
   return model.conditions(out.hidden_states, ids)
 
 
+def teacher_forced_accuracy(model, tok, clip_images, instructions, references) -> np.ndarray:
+  """Per example: the share of the reference answer's tokens (expressive instruction, [IMG0..7],
+  </s>) that the MLLM predicts, teacher-forced, as L_ins scores them."""
+  from mgie_jax.text import IGNORE_INDEX, training_example
+  n_img = model.config.llava.num_image_tokens
+  exs = [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6) for i, r in zip(instructions, references)]
+  length = max(len(e.input_ids) for e in exs)
+  ids, mask = pad_batch([e.input_ids for e in exs], length, pad_id=0, side="right")
+  labels, _ = pad_batch([e.labels for e in exs], length, pad_id=IGNORE_INDEX, side="right")
+  right, total = _token_hits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels), jnp.asarray(clip_images))
+  return np.asarray(right) / np.maximum(np.asarray(total), 1)
+
+
+@nnx.jit
+def _token_hits(model, ids, mask, labels, clip_images):
+  logits = model.mllm(ids, clip_images, attention_mask=mask).logits[:, :-1]
+  target = labels[:, 1:]
+  valid = target >= 0
+  return jnp.sum((jnp.argmax(logits, -1) == target) & valid, axis=1), jnp.sum(valid, axis=1)
+
+
+def instruction_ids(tok, instructions, length: int):
+  """The terse instructions as a text-only editor reads them: bos ... eos, padded to `length`."""
+  rows = [tok.encode(i)[:length - 1] + [tok.eos_id] for i in instructions]
+  return pad_batch(rows, length, pad_id=0, side="right")
+
+
+@nnx.jit
+def _text_conditions(model, ids, mask):
+  return model.conditions(ids, mask)
+
+
+def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96):
+  """(texts, cond, null) for any editor model: MGIE writes expressive instructions; the
+  text-only baseline encodes the terse ones (returned as its texts)."""
+  if hasattr(model, "mllm"):
+    return expressive_instructions(model, tok, clip_images, instructions, max_new_tokens=max_new_tokens)
+  ids, mask = instruction_ids(tok, instructions, model.config.text_length)
+  cond, null = _text_conditions(model, jnp.asarray(ids), jnp.asarray(mask))
+  return list(instructions), cond, null
+
+
+def clip_size(model) -> int:
+  """The CLIP view's size an editor reads (224 for MGIE; unused by the text-only baseline)."""
+  return model.config.llava.vision.image_size if hasattr(model, "mllm") else 224
+
+
 def default_sampler(model, kind: str = "euler_ancestral") -> SamplerConfig:
   """MGIE's sampler (Euler-ancestral) on the noise schedule the model was trained with."""
   return SamplerConfig(kind=kind, schedule=model.config.noise)
@@ -81,9 +128,8 @@ def edit(model, tok, images, instructions, *, key, resolution: int = 512, steps:
          max_new_tokens: int = 96):
   """Edit PIL `images` by terse `instructions`; returns (uint8 [B, R, R, 3] edited images, texts).
   `sampler` defaults to Euler-ancestral on the model's own noise schedule."""
-  clip_res = model.config.llava.vision.image_size
-  pixels, clip = prepare(images, resolution, clip_res)
-  texts, cond, null = expressive_instructions(model, tok, clip, instructions, max_new_tokens=max_new_tokens)
+  pixels, clip = prepare(images, resolution, clip_size(model))
+  texts, cond, null = conditions(model, tok, clip, instructions, max_new_tokens=max_new_tokens)
   sampler = make_sampler(sampler or default_sampler(model), steps)
   out = edit_images(model.unet, model.vae, sampler, jnp.asarray(pixels), cond, null, key=key,
                     text_scale=text_scale, image_scale=image_scale)

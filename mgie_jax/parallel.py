@@ -14,6 +14,7 @@ import threading
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -135,3 +136,35 @@ def constrain(x, names):
   mesh, rules = ctx
   spec = _fit(logical_to_spec(names, rules), x.shape, mesh, f"activation {names}")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def place(read, shape, dtype, sharding: NamedSharding):
+  """A global array on `sharding` whose values come from `read()` (a host numpy array, read once
+  and released once this host's devices hold their shards): nothing else is replicated, no
+  device ever holds more than its shard."""
+  cache = {}
+
+  def shard(index):
+    if "value" not in cache:
+      cache["value"] = np.asarray(read())
+      if tuple(cache["value"].shape) != tuple(shape):
+        raise ValueError(f"loaded shape {cache['value'].shape} != expected {tuple(shape)}")
+    return np.asarray(cache["value"][index], dtype=dtype)
+
+  out = jax.make_array_from_callback(tuple(shape), sharding, shard)
+  cache.clear()
+  return out
+
+
+def place_tree(loaders: dict, template: dict, shardings: dict, dtype, prefix: str = "") -> dict:
+  """`template` (a nested dict of abstract arrays, paths relative to `prefix`) filled from
+  `loaders` (dotted path -> object with `.full()`), each leaf straight onto its sharding."""
+  out = {}
+  for k, v in template.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out[k] = place_tree(loaders, v, shardings[k], dtype, name + ".")
+    else:
+      dt = dtype if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype
+      out[k] = place(loaders[name].full, v.shape, dt, shardings[k])
+  return out

@@ -67,8 +67,9 @@ def main(argv):
   from mgie_jax.training import checkpoint as ckpt_lib
   from mgie_jax.training.validate import check_training_config
 
+  from mgie_jax import paths
   c = FLAGS.config
-  workdir = FLAGS.workdir
+  workdir = str(paths.path(FLAGS.workdir))     # local, or gs://... (file:// is local)
   lead = jax.process_index() == 0
   # --- checks before anything is built --------------------------------------------------------
   check_training_config(c, jax.device_count(), jax.process_count())
@@ -88,6 +89,7 @@ def run_training(c, workdir, lead, restore_step):
   import jax
   from flax import nnx
 
+  from data_pipelines import prepare
   from data_pipelines.loader import LoaderConfig, make_loader
   from mgie_jax.build import tokenizer_dir
   from mgie_jax.training import flops as flops_lib
@@ -95,26 +97,40 @@ def run_training(c, workdir, lead, restore_step):
   from mgie_jax.training.setup import make_setup
   from mgie_jax.training.step import batch_sharding, jit_train_step
 
+  from mgie_jax import paths
   if lead:
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
+  cache = c.get("compile_cache", "auto")
+  if cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):   # restarts skip the compiles they
+    # already made (a cache named in the environment, e.g. a cluster-wide one, wins)
+    cache = str(paths.path(workdir) / "compile_cache") if cache == "auto" else cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(c.get("compile_cache_min_seconds", 1.0)))
   log.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
 
-  # --- data -----------------------------------------------------------------------------------
-  data_dir = c.data.dir or _synthetic_dataset(c, workdir, lead)
+  # --- data (and the synthetic recipe's VAE) ----------------------------------------------------
+  if not c.data.dir and not paths.is_local(workdir):
+    raise errors.BAD_OPTION(flag="--workdir", detail="the synthetic data is generated under a local workdir",
+                            fix="use a local --workdir, or give a built dataset as --config.data.dir")
+  data_dir = c.data.dir or _once(lead, "synthetic dataset", lambda: prepare.synthetic_dataset(workdir, c.data.synthetic, c.seed),
+                                 os.path.join(workdir, "data", "tfds", "ipr2pr", "folder", "1.0.0"))
+  if c.get("pretrained", {}).get("vae") == "synthetic":
+    _once(lead, "synthetic VAE", lambda: prepare.synthetic_vae(workdir, data_dir, c), None)
   tok_dir = tokenizer_dir(c, workdir)
 
   # --- model, optimizer, shardings, state ---------------------------------------------------------
-  run = make_setup(c, tok_dir)
+  run = make_setup(c, tok_dir, workdir=workdir)
   mesh, mcfg, parts, tok = run.mesh, run.mcfg, run.parts, run.tok
   abstract_state = run.abstract_state()
   ckpt = Checkpointer(workdir, every=c.checkpoint.every, keep=c.checkpoint.keep,
                       async_save=c.checkpoint.async_save)
   per_host = c.train.batch_size // jax.process_count()
   loader_cfg = LoaderConfig(data_dir=data_dir, batch_size=per_host, resolution=c.data.resolution,
-                            clip_resolution=mcfg.llava.vision.image_size, tokenizer=tok_dir,
-                            max_length=c.data.max_length, num_image_tokens=mcfg.llava.num_image_tokens,
-                            seed=c.seed, num_threads=c.data.num_threads, worker_count=c.data.worker_count)
+                            clip_resolution=clip_size(c, mcfg), tokenizer=tok_dir,
+                            max_length=c.data.max_length, num_image_tokens=image_tokens(c, mcfg),
+                            text_length=c.data.get("text_length", 0), seed=c.seed,
+                            num_threads=c.data.num_threads, worker_count=c.data.worker_count)
   data_iter = make_loader(loader_cfg, jax.process_index(), jax.process_count(), c.data.shards)
   config_json = json.loads(c.to_json_best_effort())
 
@@ -140,16 +156,16 @@ def run_training(c, workdir, lead, restore_step):
            _memory_report(compiled))
   flops = flops_lib.mgie_flops_per_sample(
       parts.merge(nnx.to_pure_dict(parts.trainable_template), nnx.to_pure_dict(parts.frozen_template)),
-      c.data.max_length, c.data.resolution)
+      c.data.max_length, c.data.resolution, c.data.get("text_length", 0))
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
   writer = None
   if lead and c.log.tensorboard:
     from tensorboardX import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
   preempted = Preempted()
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
+  metrics_file = paths.Appender(paths.path(workdir) / "metrics.jsonl") if lead else None
   total = int(c.train.steps)
   bar = _progress(lead, start, total)
   step, last_log, n_since, warned_no_img = start, time.time(), 0, False
@@ -184,7 +200,6 @@ def run_training(c, workdir, lead, restore_step):
           warned_no_img = True
         if lead:
           metrics_file.write(json.dumps({"step": step, **row}) + "\n")
-          metrics_file.flush()
           bar.set_postfix(loss=f"{row['loss']:.4f}", ins=f"{row['ins']:.4f}", edit=f"{row['edit']:.4f}")
           log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())))
           if writer:
@@ -194,6 +209,9 @@ def run_training(c, workdir, lead, restore_step):
       if c.log.sample_every and step % c.log.sample_every == 0:
         _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh)
         last_log = time.time()             # keep sampling time out of samples/s
+      if c.eval.every and step % c.eval.every == 0 and step != total:
+        _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer)
+        last_log = time.time()
       if preempted.agreed(step, ckpt):
         log.warning("preempted at step %d: saving and exiting", step)
         ckpt.save(step, state, data_iter, config_json, force=True)
@@ -204,11 +222,11 @@ def run_training(c, workdir, lead, restore_step):
     if status == "finished" and ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, config_json, force=True)
     ckpt.close()
+    if status == "finished" and (c.eval.at_end or c.eval.every):
+      _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer)
   bar.close()
   if writer:
     writer.close()
-  if metrics_file:
-    metrics_file.close()
   log.info("%s at step %d; checkpoints in %s", status, step, ckpt.directory)
   if status == "nan":
     sys.exit(1)
@@ -228,13 +246,26 @@ def _set_aside_newer(ckpt, step: int, lead: bool):
   log.warning("restoring step %d: moved newer steps %s to %s", step, newer, aside)
 
 
+def clip_size(c, mcfg) -> int:
+  return mcfg.llava.vision.image_size if hasattr(mcfg, "llava") else c.model.vision.image_size
+
+
+def image_tokens(c, mcfg) -> int:
+  if hasattr(mcfg, "llava"):
+    return mcfg.llava.num_image_tokens
+  return (c.model.vision.image_size // c.model.vision.patch_size) ** 2
+
+
 def _batch_abstract(batch, c, mcfg, sharding):
   import jax
   import jax.numpy as jnp
-  r, cr, n = c.data.resolution, mcfg.llava.vision.image_size, c.data.max_length
+  r, cr, n = c.data.resolution, clip_size(c, mcfg), c.data.max_length
   shapes = {"input_image": ((batch, r, r, 3), jnp.float32), "edited_image": ((batch, r, r, 3), jnp.float32),
             "clip_image": ((batch, cr, cr, 3), jnp.float32), "input_ids": ((batch, n), jnp.int32),
             "labels": ((batch, n), jnp.int32), "attention_mask": ((batch, n), jnp.int32)}
+  if c.data.get("text_length", 0):
+    t = c.data.text_length
+    shapes.update(instruction_ids=((batch, t), jnp.int32), instruction_mask=((batch, t), jnp.int32))
   return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
@@ -255,23 +286,32 @@ def _progress(lead, start, total):
   return tqdm(total=total, initial=start, disable=not lead, desc="train", dynamic_ncols=True)
 
 
-def _synthetic_dataset(c, workdir, lead):
-  """Generate and build the synthetic dataset under <workdir>/data once (process 0 writes)."""
+def _once(lead, what, make, path):
+  """`make()` on process 0 (it writes `path`), the others wait; returns `path`."""
   import jax
   from jax.experimental import multihost_utils
-  from data_pipelines import synthetic
-  from data_pipelines.ipr2pr import build
-  src = os.path.join(workdir, "data", "synthetic_source")
-  out = os.path.join(workdir, "data", "tfds")
-  s = c.data.synthetic
-  if lead and not os.path.exists(os.path.join(src, "expressive.json")):
-    synthetic.write_dataset(src, s.prompts, s.seeds, s.size, c.seed)
+  out = make() if lead else path
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("synthetic source written")
-  builder = build(src, out, "folder", os.path.join(src, "expressive.json")) if lead else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("synthetic dataset built")
-  return str(builder.data_dir if builder else os.path.join(out, "ipr2pr", "folder", "1.0.0"))
+    multihost_utils.sync_global_devices(what)
+  return out
+
+
+def _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer):
+  """The validation summary: the edits' L1 on c.eval.split against copying the input."""
+  from mgie_jax.training.validation import summary_line, validate
+  palette = None
+  if not c.data.dir:
+    from data_pipelines.synthetic import COLORS as palette
+  t0 = time.time()
+  v = validate(parts.merge(state.params, frozen), tok, data_dir, c, step, mesh, palette)
+  if lead:
+    log.info("%s (%.0f s)", summary_line(c.eval.split, step, v), time.time() - t0)
+    from mgie_jax import paths
+    paths.Appender(paths.path(workdir) / "eval.jsonl").write(json.dumps({"step": step, "split": c.eval.split, **v}) + "\n")
+    if writer:
+      for k, val in v.items():
+        writer.add_scalar(f"eval/{k}", val, step)
+      writer.flush()
 
 
 def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh):
@@ -295,8 +335,13 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, 
   if lead:
     ins = [np.asarray(im.resize((c.data.resolution,) * 2)) for im in images]
     grid = inference.sample_grid(ins, list(out), texts, instructions)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    grid.save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+    import io
+    from mgie_jax import paths
+    folder = paths.path(workdir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    grid.save(buf, "PNG")
+    (folder / f"step_{step:07d}.png").write_bytes(buf.getvalue())
     log.info("samples at step %d: %s", step, " | ".join(texts))
 
 

@@ -74,7 +74,7 @@ def load(workdir, step: int, *, devices=None, mesh: dict | None = None,
   c = saved_config(workdir, step)
   c.mesh = mesh or dict(data=1, fsdp=-1, tensor=1)
   tok = LlamaTokenizer.from_pretrained(build_lib.tokenizer_dir(c, str(workdir)))
-  built = build_lib.build(c, tok)
+  built = build_lib.build(c, tok, workdir)
   mesh_ = parallel.make_mesh(**dict(c.mesh), devices=devices)
   rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
   parts = build_lib.split_model(built.abstract, c.trainable)
@@ -84,6 +84,26 @@ def load(workdir, step: int, *, devices=None, mesh: dict | None = None,
   frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
   model = parts.merge(params, frozen)
   return Trained(model, tok, c, step, epath.Path(workdir), mesh_, params, built)
+
+
+def from_config(c, tok, *, devices=None, workdir=None):
+  """A model straight from a config's pretrained folders (e.g. MGIE's released mllm.pt / unet.pt
+  on stock LLaVA and SD), every tensor placed from its file onto a mesh of `devices`; no
+  checkpoint. Returns (model, mesh)."""
+  from mgie_jax.parallel import place_tree
+  built = build_lib.build(c, tok, workdir)
+  mesh_ = parallel.make_mesh(**dict(c.mesh), devices=devices)
+  rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
+  parts = build_lib.split_model(built.abstract, c.trainable)
+  param_sh = nnx.to_pure_dict(parallel.state_shardings(parts.trainable_template, mesh_, rules))
+  frozen_sh = nnx.to_pure_dict(parallel.state_shardings(parts.frozen_template, mesh_, rules))
+  if built.plan is None:
+    raise ValueError("from_config needs a pretrained config (config.model.init='pretrained')")
+  import jax.numpy as jnp
+  params = place_tree(built.plan.loaders, nnx.to_pure_dict(parts.trainable_template), param_sh,
+                      jnp.dtype(c.model.frozen_dtype))
+  frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
+  return parts.merge(params, frozen), mesh_
 
 
 def restore_params(workdir, step: int, parts, shardings: dict, option: str) -> dict:

@@ -57,13 +57,15 @@ def tiny_config(data):
   c = tiny.get_config()
   c.data.dir, c.data.tokenizer = data[0], data[1]
   c.data.num_threads = 2
+  c.pretrained.vae = ""
+  c.eval.at_end = False
   return c
 
 
 def train_flags(data, workdir, *extra):
   return ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.dir={data[0]}",
           f"--config.data.tokenizer={data[1]}", "--config.log.sample_every=0", "--config.log.tensorboard=False",
-          "--config.data.num_threads=2", *extra]
+          "--config.data.num_threads=2", "--config.pretrained.vae=", "--config.eval.at_end=False", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -374,12 +374,57 @@ def test_synthetic_edits_do_what_they_say(seed):
     assert close(c(before, s.cell), s.color) and close(c(after, s.cell), s.color)
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_grounded_edits_do_what_they_say(seed):
+  """Instructions that need the image: the edit lands on the shape the image singles out."""
+  e = synthetic.random_edit(seed, grounded=1.0)
+  assert e.subset == "grounded" and (e.kind, e.attribute) not in synthetic.HELDOUT
+  size = 96
+  before = synthetic.render(e.before, size, np.random.default_rng(seed))
+  after = synthetic.render(e.after, size, np.random.default_rng(seed))
+  c = lambda img, cell: color_at(img, synthetic.cell_center(cell, size), size)
+  corner = lambda img: np.asarray(img)[1, 1].astype(int)
+  changed = set(e.before.shapes) ^ set(e.after.shapes)
+  if e.kind == "recolor_largest":
+    old, new = sorted(changed, key=lambda s: s in e.after.shapes)
+    assert old.size == "large" and all(s.size == "small" for s in e.before.shapes if s is not old)
+    assert close(c(after, new.cell), new.color) and new.color in e.instruction and "largest" in e.instruction
+    assert f"large {old.color} {old.kind}" in e.expressive
+  elif e.kind == "remove_left_of":
+    (gone,) = changed
+    anchor = [s for s in e.before.shapes if s.kind in e.instruction.split("left of the ")[1]][0]
+    col, row = synthetic.CELLS[gone.cell]
+    assert synthetic.CELLS[anchor.cell][1] == row and synthetic.CELLS[anchor.cell][0] > col
+    assert close(c(after, gone.cell), e.after.background) and gone.color in e.expressive
+  elif e.kind == "background_like":
+    ref = [s for s in e.before.shapes if s.kind in e.instruction][0]
+    assert e.after.background == ref.color and close(corner(after), ref.color)
+  else:
+    old, new = sorted(changed, key=lambda s: s in e.after.shapes)
+    ref = [s for s in e.before.shapes if s.kind == e.instruction.split("colour of the ")[1]][0]
+    assert new.color == ref.color != old.color and close(c(after, new.cell), ref.color)
+  for s in set(e.before.shapes) & set(e.after.shapes):
+    assert close(c(before, s.cell), s.color) and close(c(after, s.cell), s.color)
+
+
+def test_held_out_combinations_only_outside_training(tmp_path):
+  synthetic.write_dataset(str(tmp_path), prompts=60, seeds=1, size=32, tokenizer=False, grounded=0.5)
+  with open(tmp_path / "subsets.json") as f:
+    subsets = json.load(f)
+  with open(tmp_path / "seeds.json") as f:
+    order = [folder for folder, _ in json.load(f)]
+  first_held = order.index(f"{54:07d}")                 # floor(0.9 x 60): validation and test start
+  held = {k for k, v in subsets.items() if v["heldout"]}
+  assert held and all(order.index(k.split("_")[0]) >= first_held for k in held)
+  assert {v["subset"] for v in subsets.values()} == {"plain", "grounded"}
+
+
 def test_synthetic_dataset_is_deterministic_any_resolution(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   synthetic.write_dataset(str(a), prompts=4, seeds=2, size=80, tokenizer=False)
   synthetic.write_dataset(str(b), prompts=4, seeds=2, size=80, tokenizer=False)
   files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-  assert len(files) == 4 * (1 + 2 * 2) + 2
+  assert len(files) == 4 * (1 + 2 * 2) + 3
   for f in files:
     assert (a / f).read_bytes() == (b / f).read_bytes(), f
   img = Image.open(next(a.rglob("*_0.jpg")))

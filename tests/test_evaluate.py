@@ -144,6 +144,7 @@ def test_the_command_writes_table_csv_and_plots(data, tmp_path):
   from mgie_jax.training.setup import make_setup
   c = tiny.get_config()
   c.data.dir, c.data.tokenizer = data
+  c.pretrained.vae = ""
   workdir = str(tmp_path / "run")
   state, _ = make_setup(c, data[1], devices=jax.devices()[:1]).new_state()
   for step in (3, 6):

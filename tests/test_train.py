@@ -38,6 +38,8 @@ def config(data, **train):
   c.data.dir, c.data.tokenizer = data
   c.data.num_threads = 2
   c.log.sample_every = 0
+  c.pretrained.vae = ""          # a random frozen VAE: these tests are about the trainer
+  c.eval.at_end = False
   c.train.update(train)
   return c
 
@@ -170,7 +172,8 @@ def train_cmd(workdir, data, *extra):
   return [sys.executable, "-m", "mgie_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
           f"--config.data.dir={data[0]}", f"--config.data.tokenizer={data[1]}", "--config.log.every=1",
           "--config.log.sample_every=0", "--config.log.tensorboard=False", "--config.data.num_threads=2",
-          "--config.checkpoint.every=5", "--config.train.steps=14", *extra]
+          "--config.checkpoint.every=5", "--config.train.steps=14", "--config.pretrained.vae=",
+          "--config.eval.at_end=False", *extra]
 
 
 def losses(workdir):

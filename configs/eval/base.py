@@ -9,8 +9,9 @@ import ml_collections
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.dataset = dict(name="", dir="", split="test",
-                   limit=0)                  # evaluate the first N sessions only (0: all)
+  c.dataset = dict(name="", dir="", split="test",   # splits join with "+": validation+test
+                   limit=0,                  # evaluate the first N sessions only (0: all)
+                   subset="", subset_file="")  # only the examples {key: {"subset": ...}} names so
   c.mode = "single"                          # single (each turn from its ground-truth input) and/or multi
   # --- editors ---
   c.runs = ""                                # training workdirs (comma-separated)

@@ -111,12 +111,32 @@ class TensorSource(Mapping):
       with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
         return np.asarray(f.get_tensor(key))
 
+  def shape(self, key: str) -> tuple:
+    """The tensor's shape, read from the file's header (no data is read)."""
+    if key in self._eager:
+      return tuple(self._eager[key].shape)
+    from safetensors import safe_open
+    with safe_open(self._where[key], framework="numpy") as f:
+      return tuple(f.get_slice(key).get_shape())
+
   def __iter__(self) -> Iterator[str]:
     yield from self._where
     yield from self._eager
 
   def __len__(self) -> int:
     return len(self._where) + len(self._eager)
+
+
+def shape_of(tensors, key: str) -> tuple:
+  """A tensor's shape without reading it where the mapping can tell (safetensors headers)."""
+  if hasattr(tensors, "shape") and callable(tensors.shape):
+    return tuple(tensors.shape(key))
+  maps = getattr(tensors, "maps", None)           # collections.ChainMap overlays
+  if maps is not None:
+    for m in maps:
+      if key in m:
+        return shape_of(m, key)
+  return tuple(np.shape(tensors[key]))
 
 
 def open_weights(path: str) -> TensorSource:

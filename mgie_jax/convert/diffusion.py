@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import CheckpointError, open_weights, read_config
-from mgie_jax.convert.mapping import CONV, IDENTITY, LINEAR, Rule, load_module
+from mgie_jax.convert.checkpoint import CheckpointError, open_weights, read_config, shape_of
+from mgie_jax.convert.mapping import CONV, IDENTITY, LINEAR, Rule, load_module, plan_module
 from mgie_jax.convert.mllm import _Renamed, _check_arch, _runtime
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mgie_jax.models.vae import AutoencoderKL, VAEConfig
@@ -114,44 +114,65 @@ def _diffusers_config(path: str, allowed) -> dict:
 
 
 def _load_unet(tensors, hf: dict, source: str, in_channels, dtype, runtime):
-  runtime = _runtime(dtype, runtime)
+  runtime = _runtime(dtype, runtime) if dtype is not None else runtime
   if in_channels is not None:
     tensors = _widen(tensors, in_channels, source)
     hf = {**hf, "in_channels": in_channels}
   cfg = UNetConfig.from_hf(hf, **runtime)
-  return load_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), tensors, derived_rules,
-                     source=source)
+  return cfg, plan_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), tensors, derived_rules,
+                          source=source)
 
 
-def unet_from_pretrained(path: str, dtype=None, *, in_channels: int | None = None,
-                         **runtime) -> UNet2DConditionModel:
-  """A diffusers UNet folder; `in_channels=8` widens an SD UNet for InstructPix2Pix on the fly."""
+def unet_plan(path: str, *, in_channels: int | None = None, **runtime):
+  """(UNetConfig, ModulePlan) of a diffusers UNet folder (or a pipeline folder holding unet/);
+  `in_channels=8` widens an SD UNet for InstructPix2Pix on the fly."""
   if os.path.isdir(os.path.join(path, "unet")) and not os.path.exists(os.path.join(path, "config.json")):
     path = os.path.join(path, "unet")
   hf = _diffusers_config(path, UNET_ARCHS)
-  return _load_unet(open_weights(path), hf, path, in_channels, dtype, runtime)
+  return _load_unet(open_weights(path), hf, path, in_channels, None, runtime)
 
 
-def unet_from_state_dict(file: str, config, dtype=None, *, in_channels: int | None = None,
-                         **runtime) -> UNet2DConditionModel:
-  """A bare UNet state dict (MGIE's released `unet.pt`, or .safetensors) given its config.
-
-  `config` is a diffusers config dict, a folder holding config.json, or a config.json path.
-  """
+def unet_plan_from_state_dict(file: str, config, *, in_channels: int | None = None, **runtime):
+  """(UNetConfig, ModulePlan) of a bare UNet state dict (MGIE's released `unet.pt`, or
+  .safetensors) given its config: a diffusers config dict, a folder holding config.json, or a
+  config.json path."""
   if isinstance(config, str):
     cpath = os.path.join(config, "config.json") if os.path.isdir(config) else config
     with open(cpath) as f:
       config = json.load(f)
   tensors = open_weights(file)
   if in_channels is None and "conv_in.weight" in tensors:
-    in_channels = int(tensors["conv_in.weight"].shape[1])   # unet.pt carries the widened conv_in
-  return _load_unet(tensors, config, file, in_channels, dtype, runtime)
+    in_channels = int(shape_of(tensors, "conv_in.weight")[1])   # unet.pt carries the widened conv_in
+  return _load_unet(tensors, config, file, in_channels, None, runtime)
 
 
-def vae_from_pretrained(path: str, dtype=None, **runtime) -> AutoencoderKL:
+def unet_from_pretrained(path: str, dtype=None, *, in_channels: int | None = None,
+                         **runtime) -> UNet2DConditionModel:
+  """A diffusers UNet folder; `in_channels=8` widens an SD UNet for InstructPix2Pix on the fly."""
+  return unet_plan(path, in_channels=in_channels, **_runtime(dtype, runtime))[1].materialize()
+
+
+def unet_from_state_dict(file: str, config, dtype=None, *, in_channels: int | None = None,
+                         **runtime) -> UNet2DConditionModel:
+  """A bare UNet state dict (MGIE's released `unet.pt`, or .safetensors) given its config."""
+  return unet_plan_from_state_dict(file, config, in_channels=in_channels,
+                                   **_runtime(dtype, runtime))[1].materialize()
+
+
+def vae_source(path: str, **runtime):
+  """(VAEConfig, the folder's tensors under current diffusers names, the table, the folder used)."""
   if os.path.isdir(os.path.join(path, "vae")) and not os.path.exists(os.path.join(path, "config.json")):
     path = os.path.join(path, "vae")
   hf = _diffusers_config(path, VAE_ARCHS)
-  cfg = VAEConfig.from_hf(hf, **_runtime(dtype, runtime))
-  tensors = _Renamed([(open_weights(path), _legacy_vae_key)])
-  return load_module(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), tensors, derived_rules, source=path)
+  cfg = VAEConfig.from_hf(hf, **runtime)
+  return cfg, _Renamed([(open_weights(path), _legacy_vae_key)]), vae_rules(cfg), path
+
+
+def vae_plan(path: str, **runtime):
+  """(VAEConfig, ModulePlan) of a diffusers VAE folder (or a pipeline folder holding vae/)."""
+  cfg, tensors, rules, path = vae_source(path, **runtime)
+  return cfg, plan_module(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), tensors, rules, source=path)
+
+
+def vae_from_pretrained(path: str, dtype=None, **runtime) -> AutoencoderKL:
+  return vae_plan(path, **_runtime(dtype, runtime))[1].materialize()

@@ -58,14 +58,50 @@ def _path(p) -> str:
   return ".".join(str(x) for x in p)
 
 
-def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndarray],
-                rules, *, source: str, ignore: Iterable[str] = ()) -> nnx.Module:
-  """Build the module `factory()` would make, with every parameter taken from `tensors`.
+@dataclasses.dataclass
+class ModulePlan:
+  """A module's structure and, for each parameter, where its values come from; nothing is read
+  until asked. `layer(path, i)` reads one slice of a stacked (scanned) parameter."""
+  graphdef: nnx.GraphDef
+  state: nnx.State                                   # abstract: shapes, dtypes, logical axes
+  entries: dict                                      # our path -> (Rule, {layer or None: key}, tensors)
+
+  def paths(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, path: str) -> tuple:
+    return tuple(dict(self._flat())[path].get_value().shape)
+
+  def _flat(self):
+    return [(_path(p), v) for p, v in nnx.to_flat_state(self.state)]
+
+  def layer(self, path: str, i: int | None = None) -> np.ndarray:
+    rule, keys, tensors = self.entries[path]
+    return rule.transform.to_ours(np.asarray(tensors[keys[i]]))
+
+  def full(self, path: str) -> np.ndarray:
+    rule, keys, _ = self.entries[path]
+    if not rule.stacked:
+      return self.layer(path)
+    return np.stack([self.layer(path, i) for i in sorted(keys)])
+
+  def materialize(self) -> nnx.Module:
+    """The module with every parameter read (in its declared dtype) on the default device."""
+    flat = [(tuple(path.split(".")), var.replace(jnp.asarray(self.full(path), dtype=var.get_value().dtype)))
+            for path, var in self._flat()]
+    return nnx.merge(self.graphdef, nnx.from_flat_state(_fix_int_keys(flat)))
+
+
+def plan_module(factory, tensors: Mapping[str, np.ndarray], rules, *, source: str,
+                ignore: Iterable[str] = ()) -> ModulePlan:
+  """Match a checkpoint's tensors to the parameters of the module `factory()` would make, from
+  shapes alone (safetensors headers; nothing is read or allocated).
 
   `rules` is a table, or a function of the abstract module returning one (tables derived
   from the module's structure). `ignore` holds regexes of torch keys that are expected and
   unused (buffers such as rotary `inv_freq`). Raises CheckpointError listing all problems.
   """
+  from mgie_jax.convert.checkpoint import shape_of
   abstract = nnx.eval_shape(factory)   # shapes only: nothing is allocated or initialised
   if callable(rules):
     rules = rules(abstract)
@@ -86,7 +122,7 @@ def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndar
       if not any(p.match(key) for p in ignore):
         unexpected.append(key)
 
-  values: dict[str, np.ndarray] = {}
+  entries = {}
   for n, rule in enumerate(rules):
     if rule.ours not in targets:
       raise KeyError(f"mapping table names {rule.ours!r}, which the model does not have")
@@ -99,37 +135,37 @@ def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndar
     problems += [f"unexpected tensor {k}: the model has {target.shape[0]} layers" for k in extra]
     if missing:
       continue
-    parts, ok = [], True
+    ok = True
     want_shape = target.shape[1:] if rule.stacked else target.shape
     for i in want_layers:
       key = keys[i]
-      arr = tensors[key]
-      if rule.transform.ndim is not None and arr.ndim != rule.transform.ndim:
-        problems.append(f"{key}: shape {tuple(arr.shape)} has rank {arr.ndim}, expected rank "
+      shape = shape_of(tensors, key)
+      if rule.transform.ndim is not None and len(shape) != rule.transform.ndim:
+        problems.append(f"{key}: shape {shape} has rank {len(shape)}, expected rank "
                         f"{rule.transform.ndim} for {rule.ours} {tuple(want_shape)}")
         ok = False
         continue
-      arr = rule.transform.to_ours(arr)
-      if tuple(arr.shape) != tuple(want_shape):
-        problems.append(f"{key}: shape mismatch, checkpoint gives {tuple(arr.shape)} after "
+      ours = rule.transform.to_ours(np.broadcast_to(np.zeros((), np.int8), shape)).shape
+      if tuple(ours) != tuple(want_shape):
+        problems.append(f"{key}: shape mismatch, checkpoint gives {tuple(ours)} after "
                         f"{rule.transform.name} transform, {rule.ours} needs {tuple(want_shape)}")
         ok = False
-        continue
-      parts.append(arr)
     if ok:
-      values[rule.ours] = np.stack(parts) if rule.stacked else parts[0]
+      entries[rule.ours] = (rule, {i: keys[i] for i in want_layers}, tensors)
 
   uncovered = sorted(set(targets) - {r.ours for r in rules})
   problems += [f"model parameter {p} has no rule in the mapping table" for p in uncovered]
   problems += [f"unexpected tensor {k} (no rule maps it)" for k in sorted(unexpected)]
   if problems:
     raise CheckpointError(source, problems)
+  return ModulePlan(graphdef, state, entries)
 
-  flat = []
-  for path, var in targets.items():
-    flat.append((tuple(path.split(".")), var.replace(
-        jnp.asarray(values[path], dtype=var.get_value().dtype))))
-  return nnx.merge(graphdef, nnx.from_flat_state(_fix_int_keys(flat)))
+
+def load_module(factory: Callable[[], nnx.Module], tensors: Mapping[str, np.ndarray],
+                rules, *, source: str, ignore: Iterable[str] = ()) -> nnx.Module:
+  """Build the module `factory()` would make, with every parameter taken from `tensors`
+  (see plan_module); raises CheckpointError listing every problem."""
+  return plan_module(factory, tensors, rules, source=source, ignore=ignore).materialize()
 
 
 def _fix_int_keys(flat):

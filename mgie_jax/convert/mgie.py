@@ -7,7 +7,7 @@ import re
 from flax import nnx
 
 from mgie_jax.convert.checkpoint import open_weights
-from mgie_jax.convert.mapping import IDENTITY, LINEAR, Rule, load_module, prefixed
+from mgie_jax.convert.mapping import IDENTITY, LINEAR, Rule, load_module, plan_module, prefixed
 from mgie_jax.convert.mllm import linear_rules, norm_rules
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 
@@ -34,6 +34,13 @@ def edit_head_rules(cfg: EditHeadConfig) -> list[Rule]:
       for k in range(1, norms + 1):
         rules += norm_rules(f"{t}.norm{k}", f"{o}.norm{k}")
   return rules
+
+
+def edit_head_plan(tensors, cfg: EditHeadConfig, prefix: str = "edit_head.", source: str = "state dict"):
+  """The edit head's ModulePlan over a mapping of tensors (MGIE's `mllm.pt`: keys `edit_head.*`)."""
+  ignore = (rf"^(?!{re.escape(prefix)})",) if prefix else ()     # keys outside the edit head
+  return plan_module(lambda: EditHead(cfg, rngs=nnx.Rngs(0)), tensors, prefixed(edit_head_rules(cfg), prefix, ""),
+                     source=source, ignore=ignore)
 
 
 def edit_head_from_state_dict(path_or_tensors, cfg: EditHeadConfig = EditHeadConfig(),

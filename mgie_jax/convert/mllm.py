@@ -119,6 +119,11 @@ class _Renamed(Mapping):
     tensors, old = self._parts[key]
     return tensors[old]
 
+  def shape(self, key):
+    from mgie_jax.convert.checkpoint import shape_of
+    tensors, old = self._parts[key]
+    return shape_of(tensors, old)
+
   def __iter__(self) -> Iterator[str]:
     return iter(self._parts)
 
@@ -220,40 +225,44 @@ def llava_config_from_hf(hf: dict, vision_hf: dict | None = None, **runtime) -> 
       image_token_id=hf.get("im_patch_token", 32000), layout="v1")
 
 
-def llava_from_pretrained(path: str, dtype=None, *, vision_tower: str | None = None,
-                          **runtime) -> LlavaForConditionalGeneration:
-  """Load a LLaVA folder: transformers' llava-hf layout, or LLaVA v1 (MGIE's) layout.
+def llava_source(path: str, vision_tower: str | None = None, **runtime):
+  """(LlavaConfig, a lazy view of the folder's tensors under the table's key names, the table,
+  keys to ignore) of a LLaVA folder: transformers' llava-hf layout, or LLaVA v1 (MGIE's).
 
-  A LLaVA v1 folder usually leaves CLIP out; give its folder as `vision_tower`
-  (or put a local path in config.json's `mm_vision_tower`).
+  A LLaVA v1 folder usually leaves CLIP out; give its folder as `vision_tower` (or put a local
+  path in config.json's `mm_vision_tower`).
   """
   hf = read_config(path)
   _check_arch(path, hf, LLAVA_HF_ARCHS + LLAVA_V1_ARCHS)
-  runtime = _runtime(dtype, runtime)
   tensors = open_weights(path)
-  ignore = IGNORED
   if _is_llava_hf(hf):
     cfg = llava_config_from_hf(hf, **runtime)
-    tensors = _Renamed([(tensors, _legacy_llava_hf)])
+    return cfg, _Renamed([(tensors, _legacy_llava_hf)]), llava_rules(cfg), IGNORED
+  tower_keys = [k for k in tensors if k.startswith("model.vision_tower.")]
+  if tower_keys:   # LLaVA-1.x folder that carries its own CLIP weights
+    tensors = _Renamed([(tensors, lambda k: _strip_vision_model(k, V1_TOWER))])
+    if vision_tower is None:
+      raise CheckpointError(path, ["this LLaVA folder holds CLIP weights but no CLIP config; "
+                                   "pass vision_tower=<CLIP folder> for its config"])
+    vision_hf = read_config(vision_tower)
   else:
-    tower_keys = [k for k in tensors if k.startswith("model.vision_tower.")]
-    if tower_keys:   # LLaVA-1.x folder that carries its own CLIP weights
-      tensors = _Renamed([(tensors, lambda k: _strip_vision_model(k, V1_TOWER))])
-      if vision_tower is None:
-        raise CheckpointError(path, ["this LLaVA folder holds CLIP weights but no CLIP config; "
-                                     "pass vision_tower=<CLIP folder> for its config"])
-      vision_hf = read_config(vision_tower)
-    else:
-      vision_tower = vision_tower or hf.get("mm_vision_tower")
-      if not vision_tower or not os.path.isdir(vision_tower):
-        raise CheckpointError(path, [
-            f"LLaVA v1 folder without CLIP weights; mm_vision_tower={hf.get('mm_vision_tower')!r} is not "
-            "a local folder: pass vision_tower=<folder written by CLIPVisionModel.save_pretrained>"])
-      vision_hf = read_config(vision_tower)
-      _check_arch(vision_tower, vision_hf, CLIP_ARCHS)
-      clip = open_weights(vision_tower)
-      keep = lambda k: None if _is_clip_extra(k) else V1_TOWER + _strip_vision_model(k)
-      tensors = _Renamed([(tensors, lambda k: k), (clip, keep)])
-    cfg = llava_config_from_hf(hf, vision_hf, **runtime)
-  return load_module(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)), tensors,
-                     llava_rules(cfg), source=path, ignore=ignore)
+    vision_tower = vision_tower or hf.get("mm_vision_tower")
+    if not vision_tower or not os.path.isdir(vision_tower):
+      raise CheckpointError(path, [
+          f"LLaVA v1 folder without CLIP weights; mm_vision_tower={hf.get('mm_vision_tower')!r} is not "
+          "a local folder: pass vision_tower=<folder written by CLIPVisionModel.save_pretrained>"])
+    vision_hf = read_config(vision_tower)
+    _check_arch(vision_tower, vision_hf, CLIP_ARCHS)
+    clip = open_weights(vision_tower)
+    keep = lambda k: None if _is_clip_extra(k) else V1_TOWER + _strip_vision_model(k)
+    tensors = _Renamed([(tensors, lambda k: k), (clip, keep)])
+  cfg = llava_config_from_hf(hf, vision_hf, **runtime)
+  return cfg, tensors, llava_rules(cfg), IGNORED
+
+
+def llava_from_pretrained(path: str, dtype=None, *, vision_tower: str | None = None,
+                          **runtime) -> LlavaForConditionalGeneration:
+  """Load a LLaVA folder: transformers' llava-hf layout, or LLaVA v1 (MGIE's) layout (see llava_source)."""
+  cfg, tensors, rules, ignore = llava_source(path, vision_tower, **_runtime(dtype, runtime))
+  return load_module(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)), tensors, rules,
+                     source=path, ignore=ignore)

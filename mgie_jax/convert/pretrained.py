@@ -1,12 +1,20 @@
 """The full MGIE from local pretrained folders named by a config (`config.pretrained`): LLaVA (v1
 or llava-hf) + CLIP, the SD (or InstructPix2Pix) UNet and VAE, optionally MGIE's released
-`mllm.pt` / `unet.pt`; the vocabulary grown by the MGIE tokens, the UNet widened to 8 channels."""
+`mllm.pt` / `unet.pt`; the vocabulary grown by the MGIE tokens, the UNet widened to 8 channels.
+
+`pretrained_plan` reads nothing: it checks every tensor's name and shape from the files' headers
+and returns, per parameter of the model, a loader that reads that one tensor (or one layer of
+a stacked one). Training places each parameter straight onto its sharding from its loader
+(mgie_jax.training.setup), export streams them to files (mgie_jax.convert.export);
+`load_pretrained` materialises the whole model on the host (tests, small models).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,35 +22,62 @@ import numpy as np
 from flax import nnx
 
 from mgie_jax.diffusion.schedule import NoiseSchedule
-from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration, UNet2DConditionModel
+from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.mgie import MGIE, MGIEConfig
 from mgie_jax.text import LlamaTokenizer
 
+EMBED = "mllm.language_model.model.embed_tokens.embedding"
+LM_HEAD = "mllm.language_model.lm_head.kernel"
 
-def resize_vocab(llava: LlavaForConditionalGeneration, vocab: int, key) -> LlavaForConditionalGeneration:
-  """Grow embed_tokens and lm_head to `vocab` rows; new rows (the [IMG] tokens) ~ N(0, 0.02)."""
-  lm = llava.language_model
-  old = lm.config.vocab_size
-  if vocab == old:
-    return llava
-  if vocab < old:
-    raise ValueError(f"tokenizer has {vocab} tokens, fewer than the checkpoint's {old}")
-  k1, k2 = jax.random.split(key)
-  grow = lambda w, k, axis: jnp.concatenate(
-      [w, 0.02 * jax.random.normal(k, w.shape[:axis] + (vocab - old,) + w.shape[axis + 1:], w.dtype)], axis)
-  emb = grow(lm.model.embed_tokens.embedding[...], k1, 0)
-  text = dataclasses.replace(lm.config, vocab_size=vocab)
-  cfg = dataclasses.replace(llava.config, text=text)
-  new = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
-  state = dict(nnx.to_flat_state(nnx.state(llava)))
-  state[("language_model", "model", "embed_tokens", "embedding")] = \
-      state[("language_model", "model", "embed_tokens", "embedding")].replace(emb)
-  if not text.tie_word_embeddings:
-    head = ("language_model", "lm_head", "kernel")
-    state[head] = state[head].replace(grow(lm.lm_head.kernel[...], k2, 1))
-  graphdef, _ = nnx.split(new)
-  return nnx.merge(graphdef, nnx.from_flat_state(list(state.items())))
+
+@dataclasses.dataclass
+class Loader:
+  """Where one parameter's values come from: `full()` the whole array (our layout, the source's
+  dtype); `layer(i)` one slice of a parameter stacked over layers."""
+  full: Callable[[], np.ndarray]
+  layer: Callable[[int], np.ndarray] | None = None
+
+
+@dataclasses.dataclass
+class ModelPlan:
+  config: MGIEConfig
+  abstract: MGIE
+  loaders: dict                      # our dotted path -> Loader, for every parameter
+
+  def materialize(self, dtype=None) -> MGIE:
+    """The whole model on the default device (each parameter in `dtype` or its declared one)."""
+    graphdef, state = nnx.split(self.abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+      name = ".".join(map(str, path))
+      flat.append((path, var.replace(jnp.asarray(self.loaders[name].full(), dtype or var.get_value().dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _from_plan(plan, prefix: str) -> dict:
+  return {f"{prefix}{p}": Loader(lambda p=p: plan.full(p), lambda i, p=p: plan.layer(p, i)) for p in plan.paths()}
+
+
+def _from_module(module, prefix: str) -> dict:
+  """Loaders over an already materialised (small) module, e.g. a freshly initialised edit head."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    value = var.get_value()
+    out[prefix + ".".join(map(str, path))] = Loader(lambda v=value: np.asarray(v), lambda i, v=value: np.asarray(v[i]))
+  return out
+
+
+def _grown(load, vocab: int, axis: int, key) -> Loader:
+  """A vocabulary-sized parameter grown to `vocab` entries along `axis`; new ones ~ N(0, 0.02)."""
+  def full():
+    w = load()
+    extra = list(w.shape)
+    extra[axis] = vocab - w.shape[axis]
+    with jax.default_device(jax.devices("cpu")[0]):
+      new = np.asarray(0.02 * jax.random.normal(key, tuple(extra), jnp.float32)).astype(w.dtype)
+    return np.concatenate([w, new], axis)
+  return Loader(full)
 
 
 def load_vae(path: str, rt: dict) -> AutoencoderKL:
@@ -58,36 +93,87 @@ def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
     return NoiseSchedule.from_diffusers(json.load(f))
 
 
-def load_pretrained(c, tok: LlamaTokenizer) -> MGIE:
-  """The full MGIE from local folders (config.pretrained), on the host, ready to be sharded."""
+def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
+  """Every parameter of the full MGIE with the loader that reads it (nothing is read here)."""
   from mgie_jax.build import noise_schedule, runtime
-  from mgie_jax.convert.diffusion import unet_from_state_dict
-  from mgie_jax.convert.mgie import edit_head_from_state_dict
+  from mgie_jax.convert.checkpoint import CheckpointError, open_weights
+  from mgie_jax.convert.diffusion import unet_plan, unet_plan_from_state_dict, vae_plan
+  from mgie_jax.convert.mapping import plan_module
+  from mgie_jax.convert.mgie import edit_head_plan
+  from mgie_jax.convert.mllm import llava_source
   p, rt = c.pretrained, runtime(c)
   if not p.llava or not p.sd:
     raise ValueError("config.pretrained.llava and config.pretrained.sd must name local folders")
-  llava = LlavaForConditionalGeneration.from_pretrained(
-      p.llava, vision_tower=p.vision_tower or None, remat=c.model.remat,
-      attention_impl=c.model.attention_impl, **rt)
-  llava = resize_vocab(llava, len(tok), jax.random.key(c.seed))
+  llava_cfg, tensors, rules, ignore = llava_source(p.llava, p.vision_tower or None, remat=c.model.remat,
+                                                   attention_impl=c.model.attention_impl, **rt)
+  llava = plan_module(lambda: LlavaForConditionalGeneration(llava_cfg, rngs=nnx.Rngs(0)), tensors, rules,
+                      source=p.llava, ignore=ignore)
+  loaders = _from_plan(llava, "mllm.")
+  old, vocab = llava_cfg.text.vocab_size, len(tok)
+  if vocab < old:
+    raise ValueError(f"tokenizer has {vocab} tokens, fewer than the checkpoint's {old}")
+  if vocab > old:     # the MGIE tokens: new rows of embed_tokens and lm_head ~ N(0, 0.02)
+    k1, k2 = jax.random.split(jax.random.key(c.seed))
+    loaders[EMBED] = _grown(loaders[EMBED].full, vocab, 0, k1)
+    if not llava_cfg.text.tie_word_embeddings:
+      loaders[LM_HEAD] = _grown(loaders[LM_HEAD].full, vocab, 1, k2)
+    llava_cfg = dataclasses.replace(llava_cfg, text=dataclasses.replace(llava_cfg.text, vocab_size=vocab))
   head_cfg = EditHeadConfig(**dict(c.model.edit_head), **rt)
   if p.mllm_pt:
-    from mgie_jax.convert.checkpoint import open_weights
-    tensors = open_weights(p.mllm_pt)
-    head = edit_head_from_state_dict(tensors, head_cfg)
-    lm = llava.language_model
-    lm.model.embed_tokens.embedding[...] = jnp.asarray(np.asarray(tensors["model.embed_tokens.weight"], np.float32))
-    lm.lm_head.kernel[...] = jnp.asarray(np.asarray(tensors["lm_head.weight"], np.float32).T)
+    mllm = open_weights(p.mllm_pt)
+    loaders.update(_from_plan(edit_head_plan(mllm, head_cfg, source=p.mllm_pt), "edit_head."))
+    for key, path, transpose in (("model.embed_tokens.weight", EMBED, False), ("lm_head.weight", LM_HEAD, True)):
+      if key not in mllm:
+        raise CheckpointError(p.mllm_pt, [f"missing tensor {key}"])
+      loaders[path] = Loader(lambda k=key, t=transpose: np.asarray(mllm[k]).T if t else np.asarray(mllm[k]))
   else:
-    head = EditHead(head_cfg, rngs=nnx.Rngs(c.seed))
+    loaders.update(_from_module(EditHead(head_cfg, rngs=nnx.Rngs(c.seed)), "edit_head."))
+  kw = dict(attention_impl=c.model.attention_impl, remat=c.model.remat != "none", **rt)
   if p.unet_pt:
-    unet = unet_from_state_dict(p.unet_pt, os.path.join(p.sd, "unet"), attention_impl=c.model.attention_impl,
-                                remat=c.model.remat != "none", **rt)
+    unet_cfg, unet = unet_plan_from_state_dict(p.unet_pt, os.path.join(p.sd, "unet"), **kw)
   else:
-    unet = UNet2DConditionModel.from_pretrained(p.sd, in_channels=8, attention_impl=c.model.attention_impl,
-                                                remat=c.model.remat != "none", **rt)
-  vae = load_vae(p.get("vae") or p.sd, rt)
-  cfg = MGIEConfig(llava=llava.config, edit_head=head_cfg, unet=unet.config, vae=vae.config,
+    unet_cfg, unet = unet_plan(p.sd, in_channels=8, **kw)
+  loaders.update(_from_plan(unet, "unet."))
+  vae_cfg, vae = vae_plan(p.get("vae") or p.sd, **rt)
+  loaders.update(_from_plan(vae, "vae."))
+  cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
                    edit_loss_weight=c.train.edit_loss_weight, noise=noise_schedule(c))
-  return MGIE.from_parts(cfg, llava, head, unet, vae)
+  abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
+  params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  if params != set(loaders):
+    raise ValueError(f"internal: parameters without a loader {sorted(params - set(loaders))[:5]}, loaders "
+                     f"without a parameter {sorted(set(loaders) - params)[:5]}")
+  _check_embeddings(loaders, abstract, p)
+  return ModelPlan(cfg, abstract, loaders)
+
+
+def _shape_of(model, path: str):
+  node = model
+  for part in path.split("."):
+    node = node[int(part)] if part.isdigit() else getattr(node, part, None)
+    if node is None:
+      return None
+  return tuple(node.get_value().shape) if hasattr(node, "get_value") else None
+
+
+def _check_embeddings(loaders, abstract, p):
+  """mllm.pt's embed_tokens / lm_head must match the grown vocabulary (their shapes are read)."""
+  from mgie_jax.convert.checkpoint import CheckpointError, open_weights, shape_of
+  if not p.mllm_pt:
+    return
+  mllm = open_weights(p.mllm_pt)
+  problems = []
+  for key, path, transpose in (("model.embed_tokens.weight", EMBED, False), ("lm_head.weight", LM_HEAD, True)):
+    shape = shape_of(mllm, key)
+    shape = shape[::-1] if transpose else shape
+    if tuple(shape) != _shape_of(abstract, path):
+      problems.append(f"{key}: shape {shape_of(mllm, key)} does not fit {path} {_shape_of(abstract, path)} "
+                      "(is the tokenizer the one the weights were trained with?)")
+  if problems:
+    raise CheckpointError(p.mllm_pt, problems)
+
+
+def load_pretrained(c, tok: LlamaTokenizer) -> MGIE:
+  """The full MGIE from local folders (config.pretrained), materialised on the host."""
+  return pretrained_plan(c, tok).materialize()

@@ -42,6 +42,11 @@ class Editor:
   def sample(self, images, conds: Conditions, latents, noise, *, text_scale, image_scale, sampler) -> np.ndarray:
     raise NotImplementedError
 
+  def text_scores(self, images, examples, texts) -> list[dict]:
+    """Scores of the written text against the examples' reference expressive instructions (none
+    for editors that write none)."""
+    return [{} for _ in examples]
+
   def squares(self, images) -> np.ndarray:
     """MGIE's preprocessing: centre square, 512, then the sampling resolution, in [-1, 1]."""
     return np.stack([to_model_range(mgie_square(im.convert("RGB")), self.resolution) for im in images])
@@ -67,6 +72,7 @@ class DiffusionEditor(Editor):
 
 
 class MGIEEditor(DiffusionEditor):
+  """A model trained here: MGIE (expressive instruction + edit head) or the text-only baseline."""
 
   def __init__(self, name, model, tok, *, step=None, resolution=512, max_new_tokens=96, mesh=None):
     super().__init__(model.unet, model.vae, model.config.noise, mesh)
@@ -75,14 +81,29 @@ class MGIEEditor(DiffusionEditor):
     self.max_new_tokens = max_new_tokens
 
   def conditions(self, images, instructions):
-    from mgie_jax.inference import expressive_instructions
-    size = self.model.config.llava.vision.image_size
+    from mgie_jax import inference
+    size = inference.clip_size(self.model)
     clip = np.stack([clip_view(mgie_square(im.convert("RGB")), size) for im in images])
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
     with ctx:
-      texts, cond, null = expressive_instructions(self.model, self.tok, clip, instructions,
-                                                  max_new_tokens=self.max_new_tokens)
+      texts, cond, null = inference.conditions(self.model, self.tok, clip, instructions,
+                                               max_new_tokens=self.max_new_tokens)
     return Conditions(texts, cond, null)
+
+  def text_scores(self, images, examples, texts):
+    """exp_exact: the written expressive instruction equals the reference (case and spacing
+    aside); exp_token_acc: teacher-forced next-token accuracy on the reference's tokens (the
+    expressive instruction, [IMG0..7] and </s>), as the training loss sees them."""
+    if not hasattr(self.model, "mllm") or not all(e.expressive for e in examples):
+      return [{} for _ in examples]
+    from mgie_jax import inference
+    norm = lambda t: " ".join(t.lower().split()).rstrip(".")
+    size = inference.clip_size(self.model)
+    clip = np.stack([clip_view(mgie_square(im.convert("RGB")), size) for im in images])
+    acc = inference.teacher_forced_accuracy(self.model, self.tok, clip, [e.instruction for e in examples],
+                                            [e.expressive for e in examples])
+    return [{"exp_exact": float(norm(t) == norm(e.expressive)), "exp_token_acc": float(a)}
+            for t, e, a in zip(texts, examples, acc)]
 
 
 class InstructPix2PixEditor(DiffusionEditor):

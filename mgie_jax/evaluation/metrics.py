@@ -117,10 +117,11 @@ def cosine(a, b):
 
 class Metric:
   """`prepare(gen, target, example) -> dict of numpy arrays` (host); `score(batch) -> [B]`.
-  `group` keys batch examples whose prepared arrays share shapes (pixel metrics run at the ground
-  truth's size)."""
+  Examples whose prepared arrays share shapes are batched together (pixel metrics run at the
+  ground truth's size). `example` holds "caption" and, for `needs_input` metrics, "input"."""
   name = ""
   needs_caption = False
+  needs_input = False
   lower_is_better = False
 
   def prepare(self, gen: Image.Image, target: Image.Image, example: dict) -> dict:
@@ -218,18 +219,49 @@ class DinoMetric(Metric):
     return np.asarray(self._fn(self.vit, jnp.asarray(batch["gen"]), jnp.asarray(batch["target"])))
 
 
+class PaletteMetric(Metric):
+  """For images drawn from a known palette (the synthetic data): every pixel is mapped to its
+  nearest palette colour. `edit_acc`: the share of the pixels the edit changes (input vs target)
+  that the edit got right; `keep_acc`: the share of the others left right. Exact, CLIP-free."""
+  needs_input = True
+
+  def __init__(self, name: str, palette: dict):
+    self.name = name
+    self.palette = np.asarray(list(palette.values()), np.float32) / 255.0
+
+  def _index(self, img, size):
+    x = unit(img, size)
+    return np.argmin(((x[..., None, :] - self.palette) ** 2).sum(-1), axis=-1).astype(np.int32)
+
+  def prepare(self, gen, target, example):
+    size = target.size
+    t, i, g = self._index(target, None), self._index(example["input"], size), self._index(gen, size)
+    return {"right": (g == t).astype(np.float32), "changed": (t != i).astype(np.float32)}
+
+  def score(self, batch):
+    right, changed = batch["right"], batch["changed"]
+    region = changed if self.name == "edit_acc" else 1.0 - changed
+    n = region.sum(axis=(1, 2))
+    return np.where(n > 0, (right * region).sum(axis=(1, 2)) / np.maximum(n, 1), 1.0)
+
+
 PIXEL = ("l1", "l2", "ssim", "ssim_zero_pad")
-ALL = PIXEL + ("lpips", "lpips_vgg", "clip_i", "clip_t", "dino")
+PALETTE = ("edit_acc", "keep_acc")
+ALL = PIXEL + ("lpips", "lpips_vgg", "clip_i", "clip_t", "dino") + PALETTE
 
 
 def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tuple = (), dino: str = "",
-                 dtype=None) -> list[Metric]:
+                 palette: dict | None = None, dtype=None) -> list[Metric]:
   """The named metrics, loading their models from local folders / files (never downloaded).
   `lpips_alex` / `lpips_vgg` are (backbone weights, lpips heads) file pairs."""
   out, clip_model = [], None
   for name in names:
     if name in PIXEL:
       out.append(PixelMetric(name))
+    elif name in PALETTE:
+      if not palette:
+        raise ValueError(f"metric {name} needs the images' palette (synthetic data only)")
+      out.append(PaletteMetric(name, palette))
     elif name in ("lpips", "lpips_vgg"):
       from mgie_jax.convert.metric_models import lpips_from_files
       files = lpips_alex if name == "lpips" else lpips_vgg

@@ -57,6 +57,7 @@ class Example:
   target_image: bytes
   instruction: str
   caption: str
+  expressive: str = ""         # the reference expressive instruction, where the dataset has one
 
 
 def load_examples(data_dir: str, split: str, limit: int = 0) -> list[Example]:
@@ -70,7 +71,7 @@ def load_examples(data_dir: str, split: str, limit: int = 0) -> list[Example]:
     text = lambda k: (get(k).decode() if isinstance(get(k), bytes) else str(get(k)))
     out.append(Example(text("key"), text("session") or text("key"), int(get("turn", 0)), get("input_image"),
                        get("target_image") if "target_image" in r else get("edited_image"),
-                       text("instruction"), text("caption")))
+                       text("instruction"), text("caption"), text("expressive")))
   out.sort(key=lambda e: (_natural(e.session), e.turn, e.key))
   if limit:
     sessions = list(dict.fromkeys(e.session for e in out))[:limit]
@@ -128,11 +129,25 @@ class Results:
     self.done.update(self.row_id(r) for r in rows)
 
 
+class MemoryResults(Results):
+  """Results kept in memory (validation during training)."""
+
+  def __init__(self):
+    self.rows, self.done = [], set()
+
+  def add(self, rows):
+    self.rows += rows
+    self.done.update(self.row_id(r) for r in rows)
+
+
 def score(metrics, gens: list, targets: list, examples: list) -> list[dict]:
   """Every metric of every (generated, target) pair, batched where shapes agree."""
   out = [dict() for _ in gens]
+  inputs = ([decode_rgb(e.input_image) for e in examples] if any(m.needs_input for m in metrics)
+            else [None] * len(examples))
   for m in metrics:
-    prepared = [m.prepare(g, t, {"caption": e.caption}) for g, t, e in zip(gens, targets, examples)]
+    prepared = [m.prepare(g, t, {"caption": e.caption, "input": i})
+                for g, t, e, i in zip(gens, targets, examples, inputs)]
     groups = defaultdict(list)
     for i, p in enumerate(prepared):
       groups[tuple((k, v.shape) for k, v in sorted(p.items()))].append(i)
@@ -188,6 +203,7 @@ class Sweep:
       targets = [decode_rgb(e.target_image) for e in batch]
       padded = _pad(inputs, self.batch_size)
       conds = editor.conditions(padded, _pad([e.instruction for e in batch], self.batch_size))
+      texts = editor.text_scores(padded, _pad(batch, self.batch_size), conds.texts)[:len(batch)]
       for s in settings:
         need = [i for i, e in enumerate(batch) if not self.results.has(name, "single", s, e.key)]
         if not need:
@@ -195,7 +211,7 @@ class Sweep:
         gens = self._edit(editor, s, padded, conds, _pad([e.key for e in batch], self.batch_size))
         gens = inputs if gens is None else gens[:len(batch)]
         self._record(editor, "single", s, [batch[i] for i in need], [gens[i] for i in need],
-                     [targets[i] for i in need], [conds.texts[i] for i in need])
+                     [targets[i] for i in need], [conds.texts[i] for i in need], extra=[texts[i] for i in need])
         if progress is not None:
           progress.update(len(need))
 
@@ -244,13 +260,13 @@ class Sweep:
                         sampler=(s.sampler, s.steps))
     return [Image.fromarray(x) for x in out]
 
-  def _record(self, editor, mode, s: Setting, exs, gens, targets, texts, turns=None):
+  def _record(self, editor, mode, s: Setting, exs, gens, targets, texts, turns=None, extra=None):
     scores = score(self.metrics, gens, targets, exs)
     rows = []
     for n, (e, sc, text) in enumerate(zip(exs, scores, texts)):
       row = {"editor": _editor_id(editor), "name": editor.name, "step": editor.step, "mode": mode,
              "setting": s.id, **dataclasses.asdict(s), "key": e.key, "session": e.session, "turn": e.turn,
-             "expressive": text, **sc}
+             "expressive": text, **sc, **(extra[n] if extra else {})}
       if turns is not None:
         row["turns"] = turns[n]
       rows.append(row)

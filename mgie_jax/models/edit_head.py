@@ -29,6 +29,8 @@ class EditHeadConfig:
   num_queries: int = 77
   out_dim: int = 768
   eps: float = 1e-5
+  query_std: float = 1.0       # the release: N(0, 1); a small value lets a from-scratch model's
+                               # condition follow its input early (the tiny recipe)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -84,8 +86,8 @@ class EditHead(nnx.Module):
     self.config = cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.llm2hid = layers.linear(cfg.llm_dim, cfg.width, ("embed", "mlp"), rngs=rngs, std=None, **kw)
-    self.query = nnx.Param(jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.width), cfg.param_dtype),
-                           out_sharding=(None, None, "norm"))
+    self.query = nnx.Param(cfg.query_std * jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.width),
+                                                            cfg.param_dtype), out_sharding=(None, None, "norm"))
     self.encoder_layers = nnx.List([TransformerLayer(cfg, rngs, False) for _ in range(cfg.encoder_layers)])
     self.encoder_norm = layers.layer_norm(cfg.width, "norm", eps=cfg.eps, rngs=rngs, **kw)
     self.decoder_layers = nnx.List([TransformerLayer(cfg, rngs, True) for _ in range(cfg.decoder_layers)])

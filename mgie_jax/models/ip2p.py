@@ -25,13 +25,18 @@ class IP2PConfig:
   vae: VAEConfig
   bos_id: int = 1
   eos_id: int = 2
+  text_length: int = 32            # instruction tokens (bos ... eos, padded)
   uncond_prob: float = 0.05
   edit_loss_weight: float = 1.0
   noise: NoiseSchedule = NoiseSchedule()
+  min_snr_gamma: float = 0.0
 
   @property
   def num_train_timesteps(self) -> int:
     return self.noise.num_train_timesteps
+
+  def denominators(self, batch):
+    return jnp.zeros((), jnp.int32), batch["instruction_ids"].shape[0]
 
 
 class InstructPix2Pix(nnx.Module):

@@ -38,10 +38,15 @@ class MGIEConfig:
   edit_loss_weight: float = 0.5
   uncond_prob: float = 0.05          # CFG dropout unit u
   noise: NoiseSchedule = NoiseSchedule()
+  min_snr_gamma: float = 0.0         # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); the release: 0
 
   @property
   def num_train_timesteps(self) -> int:
     return self.noise.num_train_timesteps
+
+  def denominators(self, batch):
+    """(target tokens, rows with an [IMG] window) of a whole batch: L_ins and L_edit divide by them."""
+    return target_tokens(batch["labels"]), jnp.sum(has_img_window(batch["input_ids"], self.img_token_id))
 
   def schedule(self) -> DDPMSchedule:
     return self.noise.ddpm()
@@ -82,6 +87,33 @@ def token_cross_entropy(logits, labels, denominator=None):
 def has_img_window(input_ids, img0_id: int):
   """[B] bool: the row holds [IMG0] (rows without it have no [IMG] window to read)."""
   return jnp.any(input_ids == img0_id, axis=1)
+
+
+def diffusion_loss(unet, vae, cfg, batch: dict, draws: Draws, cond, null, rows_ok, rows):
+  """InstructPix2Pix's epsilon (or v) MSE as MGIE trains it, summed over `rows_ok` rows / `rows`.
+
+  Target latents: a posterior sample x scaling of the edited image; input latents: the posterior
+  mean, unscaled; CFG dropout drops the text for p < 2u and the image for u <= p < 3u."""
+  frozen_vae = jax.lax.stop_gradient
+  target_post = vae.encode(batch["edited_image"])
+  latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * vae.config.scaling_factor
+  image_latents = frozen_vae(vae.encode(batch["input_image"]).mean)
+  schedule = cfg.noise.ddpm()
+  noisy = schedule.add_noise(latents, draws.noise, draws.t)
+  u = cfg.uncond_prob
+  drop_text = (draws.p < 2 * u)[:, None, None]
+  drop_image = ((draws.p >= u) & (draws.p < 3 * u))[:, None, None, None]
+  cond = jnp.where(drop_text, null, cond)
+  image_latents = jnp.where(drop_image, 0.0, image_latents)
+  pred = unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
+  target = schedule.target(latents, draws.noise, draws.t)
+  per_row = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
+  gamma = getattr(cfg, "min_snr_gamma", 0.0)
+  if gamma:    # Min-SNR-gamma: less weight on the nearly clean timesteps, where there is little to learn
+    acp = schedule.alphas_cumprod[draws.t]
+    snr = acp / (1.0 - acp)
+    per_row = per_row * jnp.minimum(snr, gamma) / (snr + 1.0 if cfg.noise.prediction_type == "v_prediction" else snr)
+  return jnp.sum(jnp.where(rows_ok, per_row, 0.0)) / jnp.maximum(rows, 1)
 
 
 class MGIE(nnx.Module):
@@ -126,21 +158,6 @@ class MGIE(nnx.Module):
     if edit_rows is None:
       edit_rows = jnp.sum(ok)
     cond, null = self.conditions(out.hidden_states, batch["input_ids"])
-
-    frozen_vae = jax.lax.stop_gradient
-    target_post = self.vae.encode(batch["edited_image"])
-    latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * cfg.vae.scaling_factor
-    image_latents = frozen_vae(self.vae.encode(batch["input_image"]).mean)
-    noisy = cfg.schedule().add_noise(latents, draws.noise, draws.t)
-
-    u = cfg.uncond_prob
-    drop_text = (draws.p < 2 * u)[:, None, None]
-    drop_image = ((draws.p >= u) & (draws.p < 3 * u))[:, None, None, None]
-    cond = jnp.where(drop_text, null, cond)
-    image_latents = jnp.where(drop_image, 0.0, image_latents)
-    pred = self.unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
-    target = cfg.schedule().target(latents, draws.noise, draws.t)
-    per_row = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
-    l_edit = jnp.sum(jnp.where(ok, per_row, 0.0)) / jnp.maximum(edit_rows, 1)
+    l_edit = diffusion_loss(self.unet, self.vae, cfg, batch, draws, cond, null, ok, edit_rows)
     loss = cfg.ins_loss_weight * l_ins + cfg.edit_loss_weight * l_edit
     return {"loss": loss, "ins": l_ins, "edit": l_edit, "no_img": jnp.sum(~ok)}

@@ -33,19 +33,15 @@ class Setup:
   frozen_sh: object
   built: build_lib.Built
 
-  @property
-  def host_model(self) -> MGIE | None:
-    return self.built.host_model
-
   def init_state(self):
     """(TrainState, None) from the seed or the pretrained weights; traceable."""
     c = self.config
-    if self.host_model is None:
-      model = MGIE(self.mcfg, rngs=nnx.Rngs(c.seed))
+    if self.built.plan is None:
+      model = self.built.cls(self.mcfg, rngs=nnx.Rngs(c.seed))
       _, trainable, _ = nnx.split(model, trainable_filter(c.trainable), ...)
       params = nnx.to_pure_dict(trainable)
-    else:
-      params = nnx.to_pure_dict(self.parts.trainable_template)
+    else:                # shapes only (abstract_state); new_state places the loaded values
+      params = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), nnx.to_pure_dict(self.parts.trainable_template))
     params = cast_tree(params, jnp.float32)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                        rng=jax.random.key_data(jax.random.key(c.seed)))
@@ -57,9 +53,23 @@ class Setup:
     return abstract_with_shardings(state, self.state_sh)
 
   def new_state(self):
+    if self.built.plan is not None:
+      return self._pretrained_state(), self.frozen()
     with jax.set_mesh(self.mesh):
       state = jax.jit(lambda: self.init_state()[0], out_shardings=self.state_sh)()
     return state, self.frozen()
+
+  def _pretrained_state(self):
+    """Trainable parameters from their files straight onto their shardings (fp32 master copies),
+    then the optimizer state built on the devices."""
+    from mgie_jax.parallel import place_tree
+    params = place_tree(self.built.plan.loaders, nnx.to_pure_dict(self.parts.trainable_template),
+                        self.state_sh.params, jnp.float32)
+    with jax.set_mesh(self.mesh):
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
+      rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), self.state_sh.rng)
+      step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
   def frozen(self):
     """Frozen towers are not checkpointed: rebuilt from their source (seeded init or pretrained)."""
@@ -69,11 +79,11 @@ class Setup:
     return self.parts.merge(params, frozen)
 
 
-def make_setup(c, tokenizer_dir: str, devices=None) -> Setup:
+def make_setup(c, tokenizer_dir: str, devices=None, workdir=None) -> Setup:
   tok = LlamaTokenizer.from_pretrained(tokenizer_dir)
   mesh = parallel.make_mesh(**dict(c.mesh), devices=devices)
   rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
-  built = build_lib.build(c, tok)
+  built = build_lib.build(c, tok, workdir)
   parts = split_model(built.abstract, c.trainable)
   tx, schedules = make_optimizer(c.train, nnx.to_pure_dict(parts.trainable_template))
   state_sh, frozen_sh = state_shardings(parts, tx, mesh, rules)

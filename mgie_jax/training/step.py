@@ -14,7 +14,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgie_jax import parallel
-from mgie_jax.models.mgie import has_img_window, sample_draws, target_tokens
+from mgie_jax.models.mgie import sample_draws
 
 
 def _micro(tree, accum: int, j):
@@ -38,10 +38,9 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
     key = jax.random.wrap_key_data(state.rng)
     if not fixed_draws:
       key = jax.random.fold_in(key, state.step)
-    draws = sample_draws(key, batch["input_ids"].shape[0], latent_shape, mcfg.num_train_timesteps)
+    draws = sample_draws(key, batch["input_image"].shape[0], latent_shape, mcfg.num_train_timesteps)
     # The whole batch's denominators, so that micro-batch losses add up to the batch's.
-    tokens = target_tokens(batch["labels"])
-    rows = jnp.sum(has_img_window(batch["input_ids"], mcfg.img_token_id))
+    tokens, rows = mcfg.denominators(batch)
 
     def loss_fn(params, micro, micro_draws):
       with parallel.activate(mesh, rules):

@@ -98,14 +98,14 @@ def check_training_config(c, devices: int, processes: int) -> None:
       if not pretrained(c, key):
         raise errors.PRETRAINED_MISSING(name=f"config.pretrained.{key}", path="(empty)")
     for key in ("llava", "sd", "vision_tower", "vae"):
-      if pretrained(c, key):
+      if pretrained(c, key) and pretrained(c, key) != "synthetic":
         check_folder(pretrained(c, key), f"config.pretrained.{key}")
     if not c.data.tokenizer:
       check_tokenizer(pretrained(c, "llava"), "config.pretrained.llava")
     for key in ("mllm_pt", "unet_pt"):
       if pretrained(c, key):
         check_file(pretrained(c, key), f"config.pretrained.{key}")
-  elif pretrained(c, "vae"):
+  elif pretrained(c, "vae") and pretrained(c, "vae") != "synthetic":
     check_folder(pretrained(c, "vae"), "config.pretrained.vae")
 
 
