@@ -34,6 +34,8 @@ setup(
         # torch is only needed for .bin/.pt import and the PyTorch reference tests;
         # pinned so that pip takes the CPU build instead of a multi-GB CUDA one.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0"],
+        # libtpu (the TPU compiler, from PyPI): `python -m mgie_jax.compile` for TPU slices on any machine.
+        "tpu": ["jax[tpu]"],
+        "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0", "jax[tpu]"],
     },
 )

@@ -40,6 +40,9 @@ def get_config(arg=None):
   c.data.tokenizer = ""   # default: the LLaVA folder
   c.data.resolution = 256
   c.data.max_length = 512
+  # A typical example is ~340 tokens (256 image + prompt + expressive text + 8 visual tokens):
+  # batches are cut to the shortest of these lengths that holds them (docs/benchmarks.md).
+  c.data.length_buckets = (384, 448)
   c.data.worker_count = 8
   c.train.steps = 40 * 1_000_000 // 32     # 40 epochs of ~1M pairs at batch 32
   c.train.batch_size = 32

@@ -63,6 +63,8 @@ def get_config(arg=None):
       synthetic=dict(prompts=200, seeds=2, size=64, grounded=0.3,
                      kinds=""),            # "" all edit kinds, or some, e.g. "background,recolor"
       resolution=32, max_length=96, num_threads=4, worker_count=0,
+      length_buckets=(),                   # e.g. (64, 80): batches cut to the shortest that fits
+                                           # (one compiled step per length; same losses)
       text_length=0,                       # > 0: the terse instruction's tokens too (kind="ip2p")
       shards=0,                            # data shards (0: one per process); fix it to make runs
                                            # on different host counts read identical batches

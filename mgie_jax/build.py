@@ -124,6 +124,47 @@ def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
   return Built(plan.config, plan.abstract, plan)
 
 
+class MGIEVocab:
+  """The ids MGIE's tokenizer gives its special tokens (DESIGN.md 1.1), for building shapes where
+  no tokenizer file is at hand (mgie_jax.compile)."""
+  ids = {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002,
+         **{f"[IMG{i}]": 32003 + i for i in range(8)}}
+  bos_id, eos_id = 1, 2
+
+  def __len__(self):
+    return 32011
+
+  def token_to_id(self, token: str) -> int:
+    return self.ids[token]
+
+
+def shapes_only(c) -> Built:
+  """A random-init config's structure with MGIE's vocabulary and the config's own VAE shape
+  (no tokenizer, no trained VAE folder needed)."""
+  cfg = (ip2p_config if model_kind(c) == "ip2p" else random_config)(c, MGIEVocab())
+  cls = InstructPix2Pix if model_kind(c) == "ip2p" else MGIE
+  return Built(cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+
+
+def standard_shapes(c) -> Built:
+  """The full recipe's structure without any file: LLaVA-7B v1 (Vicuna-7B, CLIP ViT-L/14, linear
+  projector, MGIE's 32011-token vocabulary), the edit head, SD-1.5's UNet (8 input channels)
+  and VAE, with the config's dtypes, remat and attention. For ahead-of-time compiles
+  (mgie_jax.compile) on machines that hold no weights; the layer sizes are the defaults of the
+  model configs, which are these towers'."""
+  m, rt = c.model, runtime(c)
+  llava = LlavaConfig(
+      vision=ClipVisionConfig(**rt, remat=m.remat, attention_impl=m.attention_impl),
+      text=LlamaConfig(vocab_size=32011, **rt, remat=m.remat, attention_impl=m.attention_impl),
+      projector="linear", image_token_id=32000, layout="v1")
+  cfg = MGIEConfig(
+      llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
+      unet=UNetConfig(in_channels=8, **rt, remat=m.remat != "none", attention_impl=m.attention_impl),
+      vae=VAEConfig(**rt), img_token_id=32003, ins_loss_weight=c.train.ins_loss_weight,
+      edit_loss_weight=c.train.edit_loss_weight, noise=NoiseSchedule())
+  return Built(cfg, nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0))))
+
+
 # --- trainable / frozen split -------------------------------------------------------------------
 
 def trainable_filter(prefixes):

@@ -147,16 +147,26 @@ def run_training(c, workdir, lead, restore_step):
 
   # --- the train step -------------------------------------------------------------------------
   batch_sh = batch_sharding(run)
-  batch_abstract = _batch_abstract(c.train.batch_size, c, mcfg, batch_sh)
   jitted = jit_train_step(run, c.data.resolution)
-  t0 = time.time()
-  with jax.set_mesh(mesh):
-    compiled = jitted.lower(abstract_state, abstract_with_shardings(frozen, run.frozen_sh), batch_abstract).compile()
-  log.info("compiled the train step in %.1f s; memory per device: %s", time.time() - t0,
-           _memory_report(compiled))
-  flops = flops_lib.mgie_flops_per_sample(
-      parts.merge(nnx.to_pure_dict(parts.trainable_template), nnx.to_pure_dict(parts.frozen_template)),
-      c.data.max_length, c.data.resolution, c.data.get("text_length", 0))
+  frozen_abstract = abstract_with_shardings(frozen, run.frozen_sh)
+  template = parts.merge(nnx.to_pure_dict(parts.trainable_template), nnx.to_pure_dict(parts.frozen_template))
+  buckets = length_buckets(c)
+  compiled, flops = {}, {}     # token length -> compiled step, model FLOPs per sample
+
+  def step_for(length: int):
+    """The train step compiled for batches padded to `length` tokens (one per bucket, on first use)."""
+    if length not in compiled:
+      t0 = time.time()
+      with jax.set_mesh(mesh):
+        compiled[length] = jitted.lower(abstract_state, frozen_abstract,
+                                     _batch_abstract(c.train.batch_size, c, mcfg, batch_sh, length)).compile()
+      log.info("compiled the train step for %d tokens in %.1f s; memory per device: %s", length,
+               time.time() - t0, _memory_report(compiled[length]))
+      flops[length] = flops_lib.mgie_flops_per_sample(template, length, c.data.resolution,
+                                                      c.data.get("text_length", 0))
+    return compiled[length]
+
+  step_for(buckets[-1])     # the longest first: a batch of any length fits in memory if this does
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
@@ -174,8 +184,9 @@ def run_training(c, workdir, lead, restore_step):
     while step < total:
       host = next(data_iter)
       host.pop("key", None)
+      length = trim_to_bucket(host, buckets)
       batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in host.items()}
-      state, metrics = compiled(state, frozen, batch)
+      state, metrics = step_for(length)(state, frozen, batch)
       step += 1
       n_since += 1
       loss = float(metrics["loss"])          # one scalar per step: guards every save against NaN
@@ -188,7 +199,7 @@ def run_training(c, workdir, lead, restore_step):
       if step % c.log.every == 0 or step == total:
         dt = time.time() - last_log
         sps = n_since * c.train.batch_size / dt
-        tflops = sps * flops / jax.device_count() / 1e12
+        tflops = sps * flops[length] / jax.device_count() / 1e12
         row = {k: float(v) for k, v in metrics.items()}
         row.update(samples_per_s=sps, tflops_per_device=tflops,
                    lr_mllm=float(run.schedules["mllm"](step - 1)),
@@ -256,10 +267,32 @@ def image_tokens(c, mcfg) -> int:
   return (c.model.vision.image_size // c.model.vision.patch_size) ** 2
 
 
-def _batch_abstract(batch, c, mcfg, sharding):
+def length_buckets(c) -> list:
+  """The token lengths batches are padded to: config.data.length_buckets, up to max_length."""
+  n = int(c.data.max_length)
+  return sorted({int(b) for b in (c.data.get("length_buckets", None) or ()) if 0 < int(b) < n} | {n})
+
+
+def trim_to_bucket(host: dict, buckets: list) -> int:
+  """Cut the token arrays of a host batch to the shortest bucket that holds its longest example
+  (padding only: same losses), the same bucket on every host; returns the length."""
+  if len(buckets) == 1 or "attention_mask" not in host:
+    return buckets[-1]
+  import jax
+  longest = int(np.max(np.sum(host["attention_mask"], axis=1)))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+  length = next(b for b in buckets if b >= longest)
+  for k in ("input_ids", "labels", "attention_mask"):
+    host[k] = host[k][:, :length]
+  return length
+
+
+def _batch_abstract(batch, c, mcfg, sharding, length=None):
   import jax
   import jax.numpy as jnp
-  r, cr, n = c.data.resolution, clip_size(c, mcfg), c.data.max_length
+  r, cr, n = c.data.resolution, clip_size(c, mcfg), length or c.data.max_length
   shapes = {"input_image": ((batch, r, r, 3), jnp.float32), "edited_image": ((batch, r, r, 3), jnp.float32),
             "clip_image": ((batch, cr, cr, 3), jnp.float32), "input_ids": ((batch, n), jnp.int32),
             "labels": ((batch, n), jnp.int32), "attention_mask": ((batch, n), jnp.int32)}

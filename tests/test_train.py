@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -222,6 +223,37 @@ def test_sigkill_then_same_command_resumes_exactly(killed_and_resumed):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+@pytest.fixture(scope="module")
+def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
+  """The 14-step run again, through a file:// workdir, with length buckets, samples every 4
+  steps, stopped at step 8 and resumed by the same command with more steps."""
+  root = tmp_path_factory.mktemp("bucketed")
+  url = "file://" + str(root / "run")
+  extra = ["--config.data.length_buckets=(48,64,80)", "--config.log.sample_every=4", "--config.log.samples=2",
+           "--config.log.sample_steps=2", "--config.log.sample_new_tokens=4"]
+  logs = []
+  for steps in (8, 14):
+    out = subprocess.run(train_cmd(url, data, *extra, f"--config.train.steps={steps}"), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs.append(out.stderr)
+  return str(root / "run"), logs
+
+
+def test_length_buckets_and_a_file_url_workdir_give_the_same_losses(bucketed_file_url_run, killed_and_resumed):
+  workdir, logs = bucketed_file_url_run
+  compiled = {int(n) for log in logs for n in re.findall(r"compiled the train step for (\d+) tokens", log)}
+  assert 96 in compiled and compiled & {48, 64, 80}, compiled      # shorter batches ran shorter
+  assert "resuming from" in logs[1] and "step 8" in logs[1]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())[-1] == 14
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [f"step_{s:07d}.png" for s in (4, 8, 12)]
+  assert not os.path.exists(os.path.join(ROOT, "file:"))           # no folder named after the URL
+  want, got = losses(killed_and_resumed[0]), losses(workdir)
+  assert sorted(got) == list(range(1, 15))
+  for step in got:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data, killed_and_resumed, tmp_path):
   workdir = str(tmp_path / "nan")
   shutil.copytree(killed_and_resumed[1], workdir)            # a finished 14-step run
@@ -239,23 +271,45 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data, killed_
   assert after == before
 
 
-def test_two_processes_match_one_process(data, tmp_path):
-  """2 processes x 4 CPU devices (jax.distributed over loopback) give the same losses as 1 x 8."""
+def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed over loopback) give the same losses as 1 x 8,
+  also when only process 1 gets SIGTERM mid-run: both save the same step, exit 0, and the same
+  command resumes to the uninterrupted losses."""
   one = str(tmp_path / "one")
-  mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=4", "--config.data.shards=2"]
+  mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=40", "--config.data.shards=2",
+          "--config.checkpoint.every=100"]
   subprocess.run(train_cmd(one, data, *mesh), cwd=ROOT, env=env(8), check=True, capture_output=True, timeout=600)
   two = str(tmp_path / "two")
   import portpicker
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(train_cmd(two, data, *mesh, f"--coordinator_address=127.0.0.1:{port}",
-                                      "--num_processes=2", f"--process_id={i}"),
-                            cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+
+  def launch():
+    port = portpicker.pick_unused_port()
+    return [subprocess.Popen(train_cmd(two, data, *mesh, f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}"),
+                             cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for i in range(2)]
+
+  def finish(procs):
+    outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    return outs
+
+  procs = launch()
+  deadline = time.time() + 600
+  while not (os.path.exists(os.path.join(two, "metrics.jsonl")) and max(losses(two), default=0) >= 3):
+    assert time.time() < deadline and procs[0].poll() is None, "training ended before the signal"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)        # process 1 only
+  outs = finish(procs)
+  saved = [re.search(r"preempted at step (\d+): saving", out) for out in outs]
+  assert all(saved), [out[-1500:] for out in outs]
+  stop = {int(m.group(1)) for m in saved}
+  assert len(stop) == 1 and stop.pop() < 40
+  assert max(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) < 40
+  finish(launch())                            # the same command resumes
   want, got = losses(one), losses(two)
-  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  assert sorted(got) == sorted(want) == list(range(1, 41))
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 

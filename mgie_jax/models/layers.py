@@ -6,6 +6,9 @@ table in the config (mgie_jax.parallel) maps them to mesh axes.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -102,6 +105,21 @@ def maybe_remat(fn, policy: str):
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
+_UNROLL = threading.local()
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+  """Trace every layer stack unrolled: XLA's cost model counts a loop body once, so FLOPs and
+  step-time estimates need the layers spelled out (mgie_jax.compile --unroll). Same math."""
+  old = getattr(_UNROLL, "on", False)
+  _UNROLL.on = True
+  try:
+    yield
+  finally:
+    _UNROLL.on = old
+
+
 def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
   """Run `body(layer, carry, x) -> (carry, y)` over layers stacked on axis 0.
 
@@ -115,7 +133,8 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"
     layer_state, x = inputs
     return body(nnx.merge(graphdef, layer_state), carry, x)
 
-  return jax.lax.scan(maybe_remat(step, remat), carry, (state, xs))
+  return jax.lax.scan(maybe_remat(step, remat), carry, (state, xs),
+                      unroll=True if getattr(_UNROLL, "on", False) else 1)
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):

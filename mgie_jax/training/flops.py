@@ -38,9 +38,11 @@ def llama_flops(cfg, tokens: int) -> float:
 
 
 def _forward_flops(fn, module, *args) -> float:
+  from mgie_jax.models.layers import unrolled_layers
   graphdef, state = nnx.split(module)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  cost = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(abstract, *args).cost_analysis()
+  with unrolled_layers():     # XLA counts a scanned layer stack's body once
+    cost = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(abstract, *args).cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]
   return float((cost or {}).get("flops", 0.0))

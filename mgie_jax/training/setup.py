@@ -81,9 +81,13 @@ class Setup:
 
 def make_setup(c, tokenizer_dir: str, devices=None, workdir=None) -> Setup:
   tok = LlamaTokenizer.from_pretrained(tokenizer_dir)
+  return setup_for(c, tok, build_lib.build(c, tok, workdir), devices)
+
+
+def setup_for(c, tok, built: build_lib.Built, devices=None) -> Setup:
+  """The Setup of an already built model structure (mgie_jax.compile: no tokenizer, no files)."""
   mesh = parallel.make_mesh(**dict(c.mesh), devices=devices)
   rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
-  built = build_lib.build(c, tok, workdir)
   parts = split_model(built.abstract, c.trainable)
   tx, schedules = make_optimizer(c.train, nnx.to_pure_dict(parts.trainable_template))
   state_sh, frozen_sh = state_shardings(parts, tx, mesh, rules)

@@ -85,6 +85,10 @@ def check_training_config(c, devices: int, processes: int) -> None:
   if int(c.train.steps) < 1:
     raise errors.BAD_OPTION(flag="--config.train.steps", detail=f"{c.train.steps}", fix="use 1 or more")
   check_batch(c, devices, processes)
+  for b in c.data.get("length_buckets", None) or ():
+    if not 0 < int(b) <= int(c.data.max_length):
+      raise errors.BAD_OPTION(flag="--config.data.length_buckets", detail=f"{b} is not in 1..max_length "
+                              f"({c.data.max_length})", fix="list token lengths up to data.max_length")
   if c.data.dir:
     splits = ("train", "validation") if (c.log.sample_every or c.get("eval", {}).get("every")) else ("train",)
     check_dataset(c.data.dir, "config.data.dir", splits,

@@ -1,0 +1,76 @@
+"""Ahead-of-time compiles for TPU slices on a machine without TPUs (mgie_jax.compile)."""
+
+import importlib.util
+import math
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import tiny
+from mgie_jax.build import trainable_filter
+from test_cli import run_cases, user_error
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def small_config():
+  c = tiny.get_config()
+  c.pretrained.vae = ""          # shapes only: the config's own VAE shape
+  c.train.batch_size = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  from mgie_jax import build, compile as compile_lib
+  c = small_config()
+  devices, sl = compile_lib.target_devices("v5e-4")
+  built = build.shapes_only(c)
+  r = compile_lib.compile_train_step(c, built, devices, seq_len=96, unroll=True)
+  r.update(compile_lib.estimates(r, sl, sl.peak_tflops))
+  return c, built, r
+
+
+@needs_libtpu
+def test_small_config_compiles_for_a_tpu_slice_and_reports_memory(compiled):
+  c, built, r = compiled
+  assert r["devices"] == 4 and "TPU v5 lite" in r["device_kind"]
+  # Arguments: the fp32 trainable parameters, two Adam moments and the frozen towers, all
+  # FSDP-sharded over 4 chips, plus the batch. Small tensors (norms, biases) and dimensions
+  # 4 does not divide stay replicated, so per device is between a quarter and all of it.
+  count = lambda f: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(built.abstract, f))))
+  trainable, total = count(trainable_filter(c.trainable)), count(nnx.Param)
+  state_bytes = 4 * (3 * trainable + (total - trainable))
+  args = r["argument_gib"] * 2 ** 30
+  assert state_bytes / 4 < args < state_bytes * 1.2, (args, state_bytes)
+  assert r["temp_gib"] > 0 and r["total_gib"] < r["hbm_gib"]
+
+
+@needs_libtpu
+def test_cost_model_counts_every_layer_and_gives_a_positive_step_time(compiled):
+  _, _, r = compiled
+  # Unrolled, the compiled FLOPs (all devices) agree with the model count within what remat,
+  # the optimizer and the sampling of draws add; with a scanned stack they would be far lower.
+  compiled_total = r["compiled_tflops_per_device"] * r["devices"]
+  assert 0.8 < compiled_total / r["model_tflops_per_step"] < 1.6, r
+  assert r["uncosted_ops"] >= 0 and r["cost_model_step_s"] > 0, r
+  # No faster than the chips' peak would allow.
+  assert r["cost_model_step_s"] >= compiled_total / (r["devices"] * 197.0), r
+  assert 0 < r["mfu"] < 1 and r["samples_per_s"] == pytest.approx(8 / r["cost_model_step_s"])
+
+
+def test_compile_mistakes_are_one_line():
+  base = ["--config=configs/ipr2pr.py"]
+  cases = {
+      "topology": {"module": "mgie_jax.compile", "argv": base + ["--topology=v9-8"],
+                   "forbid": ["mgie_jax.compile:compile_train_step"]},
+      "batch": {"module": "mgie_jax.compile", "argv": base + ["--topology=local", "--config.train.batch_size=3",
+                                                              "--config.mesh.fsdp=2", "--config.mesh.data=-1"],
+                "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                "forbid": ["mgie_jax.compile:compile_train_step", "mgie_jax.build:standard_shapes"]},
+  }
+  results = dict(zip(cases, run_cases(list(cases.values()))))
+  user_error(results["topology"], "--topology", "v9-8", "v5p-8")
+  user_error(results["batch"], "train.batch_size 3")
