@@ -7,7 +7,7 @@ UNet/VAE), against the size of what it writes.
 Runs twice: the given LLaMA, and one with twice the layers at ~1/sqrt(2) the width (about the
 same bytes, twice the tensors): the peak should follow the largest tensors and the trained
 modules restored from the checkpoint, not the number of tensors. Prints peak RSS of the export
-process (ru_maxrss), the RSS of the same process right after start-up (imports, config), the
+process (VmHWM), the RSS of the same process right after start-up (imports, config), the
 checkpoint's trained bytes (fp32) and the bytes written.
 """
 
@@ -85,11 +85,13 @@ def make_run(root, width, layers, vocab_pieces=1000):
 
 def measure(root, formats):
   out = f"{root}/export"
-  probe = ("import resource, runpy, sys; sys.argv = ['x'] + sys.argv[1:]; "
-           "import torch, mgie_jax.export, mgie_jax.convert.export; "
-           "print('startup_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+  # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over exec (this script's models).
+  probe = ("import runpy, sys; sys.argv = ['x'] + sys.argv[1:]; "
+           "import torch, mgie_jax.convert.export\n"
+           "hwm = lambda: next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+           "print('startup_kb', hwm(), flush=True)\n"
            "try:\n  runpy.run_module('mgie_jax.export', run_name='__main__')\n"
-           "finally:\n  print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)")
+           "finally:\n  print('peak_kb', hwm(), flush=True)")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   res = subprocess.run([sys.executable, "-c", probe, f"--workdir={root}/run", f"--out={out}",
                         f"--format={formats}", "--dtype=float16"], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -157,6 +157,8 @@ def estimates(result: dict, sl: Slice | None, peak_tflops: float | None) -> dict
   out = {}
   if sl is not None:
     out["hbm_gib"] = sl.hbm_gib
+  if peak_tflops:      # the compiled FLOPs at the chip's peak: no estimate can be below this
+    out["compute_floor_s"] = result["compiled_tflops_per_device"] / peak_tflops
   step = result.get("cost_model_step_s", 0.0)
   if step > 0:
     out["samples_per_s"] = result["batch"] / step
@@ -184,6 +186,8 @@ def report(r: dict, topology: str) -> str:
       line += f", {r['samples_per_s']:.1f} samples/s"
     if "mfu" in r:
       line += f", MFU {100 * r['mfu']:.1f}%"
+    if "compute_floor_s" in r:
+      line += f" (compiled FLOPs at peak: {r['compute_floor_s']:.4f} s)"
     lines.append(line + f" (XLA cost model, not a measurement; {r['uncosted_ops']} uncosted ops added back)")
   return "\n".join(lines)
 

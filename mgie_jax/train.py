@@ -33,6 +33,11 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 flags.mark_flags_as_required(["config", "workdir"])
+# Orbax's default barriers are device collectives. Run from its async-save thread on several hosts,
+# they interleave with the train step's own collectives differently on each host: a hang, or a
+# collective mismatch. The distributed client's barriers do not touch the devices.
+from orbax.checkpoint._src.multihost import multihost as _orbax_multihost  # noqa: E402  (defines the flag)
+FLAGS.set_default(_orbax_multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name, True)
 
 log = logging.getLogger("mgie_jax.train")
 
@@ -101,6 +106,11 @@ def run_training(c, workdir, lead, restore_step):
   if lead:
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
   cache = c.get("compile_cache", "auto")
+  if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+    # A CPU executable carries its own process's collectives setup: a host that loads another
+    # host's entry from a shared cache runs mismatched collectives (seen as gloo size errors).
+    jax.config.update("jax_enable_compilation_cache", False)
+    cache = ""
   if cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):   # restarts skip the compiles they
     # already made (a cache named in the environment, e.g. a cluster-wide one, wins)
     cache = str(paths.path(workdir) / "compile_cache") if cache == "auto" else cache
@@ -167,6 +177,11 @@ def run_training(c, workdir, lead, restore_step):
     return compiled[length]
 
   step_for(buckets[-1])     # the longest first: a batch of any length fits in memory if this does
+  if jax.process_count() > 1:
+    # Start the loop together: a host still compiling or restoring would time out the others'
+    # first collective (CPU collectives give up after 30 s); this barrier waits minutes.
+    import orbax.checkpoint as ocp
+    ocp.multihost.sync_global_processes("mgie_jax.train: compiled")
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------

@@ -56,8 +56,10 @@ def test_cost_model_counts_every_layer_and_gives_a_positive_step_time(compiled):
   compiled_total = r["compiled_tflops_per_device"] * r["devices"]
   assert 0.8 < compiled_total / r["model_tflops_per_step"] < 1.6, r
   assert r["uncosted_ops"] >= 0 and r["cost_model_step_s"] > 0, r
-  # No faster than the chips' peak would allow.
-  assert r["cost_model_step_s"] >= compiled_total / (r["devices"] * 197.0), r
+  # No faster than the chips' peak allows (the raw figure can be: libtpu prices a few custom
+  # calls at -1 s each, which the command adds back).
+  assert r["compute_floor_s"] == pytest.approx(compiled_total / r["devices"] / 197.0)
+  assert r["cost_model_step_s"] >= r["compute_floor_s"], r
   assert 0 < r["mfu"] < 1 and r["samples_per_s"] == pytest.approx(8 / r["cost_model_step_s"])
 
 

@@ -225,26 +225,36 @@ def test_sigkill_then_same_command_resumes_exactly(killed_and_resumed):
 
 @pytest.fixture(scope="module")
 def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
-  """The 14-step run again, through a file:// workdir, with length buckets, samples every 4
-  steps, stopped at step 8 and resumed by the same command with more steps."""
+  """The 14-step run again, through a file:// workdir, cut to length buckets, samples every 4
+  steps, preempted (SIGTERM) after step 6 and resumed by the same command."""
   root = tmp_path_factory.mktemp("bucketed")
-  url = "file://" + str(root / "run")
-  extra = ["--config.data.length_buckets=(48,64,80)", "--config.log.sample_every=4", "--config.log.samples=2",
-           "--config.log.sample_steps=2", "--config.log.sample_new_tokens=4"]
-  logs = []
-  for steps in (8, 14):
-    out = subprocess.run(train_cmd(url, data, *extra, f"--config.train.steps={steps}"), cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    logs.append(out.stderr)
-  return str(root / "run"), logs
+  workdir = str(root / "run")
+  # Examples here are 85-96 tokens (max_length 96): the longest of a batch of 8 is often 93-94.
+  cmd = train_cmd("file://" + workdir, data, "--config.data.length_buckets=(90,92,94)",
+                  "--config.log.sample_every=4", "--config.log.samples=2", "--config.log.sample_steps=2",
+                  "--config.log.sample_new_tokens=4")
+  err = open(root / "first.log", "w+")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+  deadline = time.time() + 600
+  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(losses(workdir), default=0) >= 6):
+    assert time.time() < deadline and proc.poll() is None, "training ended before the signal"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=600)
+  err.seek(0)
+  logs = [err.read()]
+  assert proc.returncode == 0, logs[0][-3000:]
+  out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, logs + [out.stderr]
 
 
 def test_length_buckets_and_a_file_url_workdir_give_the_same_losses(bucketed_file_url_run, killed_and_resumed):
   workdir, logs = bucketed_file_url_run
   compiled = {int(n) for log in logs for n in re.findall(r"compiled the train step for (\d+) tokens", log)}
-  assert 96 in compiled and compiled & {48, 64, 80}, compiled      # shorter batches ran shorter
-  assert "resuming from" in logs[1] and "step 8" in logs[1]
+  assert 96 in compiled and compiled & {90, 92, 94}, compiled      # some batches ran shorter
+  stopped = int(re.search(r"preempted at step (\d+): saving", logs[0]).group(1))
+  assert 6 <= stopped < 14 and "resuming from" in logs[1] and f"step {stopped}" in logs[1]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())[-1] == 14
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [f"step_{s:07d}.png" for s in (4, 8, 12)]
   assert not os.path.exists(os.path.join(ROOT, "file:"))           # no folder named after the URL
@@ -314,25 +324,68 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-def test_readme_main_command_trains_and_edit_edits_a_photograph(tmp_path):
-  """README: `python -m mgie_jax.train --config=configs/tiny.py --workdir=...`, then `mgie_jax.edit`."""
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+  """The README's main command, exactly as written (1,500 steps, from nothing: synthetic data,
+  its VAE, training, the validation summary)."""
+  workdir = str(tmp_path_factory.mktemp("readme") / "tiny")
+  out = subprocess.run([sys.executable, "-m", "mgie_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out.stderr
+
+
+def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run):
+  workdir, log = readme_run
+  rows = losses(workdir)
+  assert max(rows) == 1500 and "1500" in os.listdir(os.path.join(workdir, "checkpoints"))
+  first, last = rows[min(rows)], rows[1500]
+  assert last[1] < first[1] / 5 and last[2] < first[2] / 2, (first, last)
+  with open(os.path.join(workdir, "eval.jsonl")) as f:
+    v = json.loads(f.readlines()[-1])
+  line = next(l for l in log.splitlines() if "validation (test, 20 examples, step 1500): L1" in l)
+  print(line)
+  assert f"L1 {v['l1']:.4f} vs copy-input {v['copy_input_l1']:.4f}" in line
+  # What the run must have learned, with margins that hold across seeds and CPUs. Whether it
+  # beats copying the input on L1 depends on the seed and the CPU at this budget (docs/benchmarks.md:
+  # 2 of 3 seeds here, L1 0.08-0.23 against copy's 0.09-0.14); runs that learned nothing or
+  # produce noise score keep_acc <= 0.3 and L1 >= 2.6x copy's, trained ones keep_acc >= 0.6 and
+  # L1 <= 1.8x.
+  assert v["exp_token_acc"] > 0.85, v                # the expressive instructions are learned
+  assert v["keep_acc"] > 0.45, v                     # what the edit must not touch is kept
+  assert v["l1"] < 2.2 * v["copy_input_l1"], v
+  events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
+  assert events and b"eval/l1" in open(os.path.join(workdir, "tensorboard", events[0]), "rb").read()
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000750.png", "step_0001500.png"]
+
+
+def test_readme_run_trains_a_vae_that_reconstructs_and_loads_it_frozen(readme_run):
+  from mgie_jax import trained
+  from mgie_jax.convert.pretrained import load_vae
+  workdir, log = readme_run
+  folder = os.path.join(workdir, "data", "vae")
+  with open(os.path.join(folder, "training.json")) as f:
+    report = json.load(f)
+  assert report["psnr_test_db"] > 25.0, report      # held-out synthetic images (measured ~27 dB)
+  run = trained.load(workdir, 1500, devices=jax.devices()[:1])
+  assert "vae" not in run.params                     # frozen: not trained, not checkpointed
+  from flax import nnx
+  params = lambda m: flat(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  saved, used = params(load_vae(folder, dict(dtype="float32", param_dtype="float32"))), params(run.model.vae)
+  assert saved.keys() == used.keys() and all(np.array_equal(saved[k], used[k]) for k in saved)
+
+
+def test_readme_edit_command_edits_a_photograph(readme_run, tmp_path):
   from PIL import Image
   from skimage import data as skdata
-  workdir = str(tmp_path / "tiny")
-  subprocess.run([sys.executable, "-m", "mgie_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}"],
-                 cwd=ROOT, env=env(), check=True, capture_output=True, timeout=1200)
-  rows = losses(workdir)
-  assert max(rows) == 300 and "300" in os.listdir(os.path.join(workdir, "checkpoints"))
-  first, last = rows[min(rows)], rows[300]
-  assert last[1] < first[1] / 2 and last[2] < first[2], (first, last)     # it learned something
-  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000150.png", "step_0000300.png"]
+  workdir, _ = readme_run
   photo = str(tmp_path / "astronaut.jpg")
   Image.fromarray(skdata.astronaut()).save(photo)
   out = subprocess.run([sys.executable, "-m", "mgie_jax.edit", f"--workdir={workdir}", f"--image={photo}",
                         "--instruction=make the background blue", f"--out={tmp_path / 'edited.png'}",
                         "--steps=10"], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
   text = out.stdout.decode()
-  assert "expressive instruction:" in text and "checkpoint step 300" in text
+  assert "expressive instruction:" in text and "checkpoint step 1500" in text
   edited = Image.open(tmp_path / "edited.png")
   assert edited.size == (32, 32) and edited.mode == "RGB"
 
