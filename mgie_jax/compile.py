@@ -17,11 +17,11 @@ estimated step time / the chip's peak.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 
 from absl import flags
@@ -72,6 +72,11 @@ def target_devices(topology: str):
   if topology == "local":
     return jax.devices(), None
   from jax.experimental import topologies
+  # libtpu looks for a TPU VM's metadata unless told what it is; no TPU is used.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: several may run at once
   s = TOPOLOGIES[topology]
   desc = topologies.get_topology_desc(platform="tpu", topology_name=s.topology, chip_config_name=s.chip_config,
                                       chips_per_host_bounds=s.host_bounds, num_slices=1)
@@ -99,6 +104,7 @@ def abstract_batch(run, batch: int, seq_len: int, resolution: int, clip_resoluti
 def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) -> dict:
   """Lower and compile the train step for `devices`; the compiler's numbers as a dict."""
   import jax
+  import jax.numpy as jnp
   from flax import nnx
   from mgie_jax import build as build_lib
   from mgie_jax.models.layers import unrolled_layers
@@ -106,22 +112,19 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   from mgie_jax.training.checkpoint import abstract_with_shardings
   from mgie_jax.training.setup import setup_for
   from mgie_jax.training.step import jit_train_step
-  import contextlib
 
   run = setup_for(c, None, built, devices)
   state = run.abstract_state()
-  dtype = jax.numpy.dtype(c.model.frozen_dtype)
+  dtype = jnp.dtype(c.model.frozen_dtype)
   frozen = abstract_with_shardings(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x.dtype),
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
       nnx.to_pure_dict(run.parts.frozen_template)), run.frozen_sh)
   batch = int(c.train.batch_size)
   clip_res = getattr(getattr(run.mcfg, "llava", None), "vision", None)
   inputs = abstract_batch(run, batch, seq_len, c.data.resolution, clip_res.image_size if clip_res else 224,
                           int(c.data.get("text_length", 0) or 0) if build_lib.model_kind(c) == "ip2p" else 0)
   t0 = time.time()
-  with contextlib.ExitStack() as stack:
-    if unroll:
-      stack.enter_context(unrolled_layers())
+  with unrolled_layers() if unroll else contextlib.nullcontext():
     lowered = jit_train_step(run, c.data.resolution).lower(state, frozen, inputs)
   t1 = time.time()
   compiled = lowered.compile()
@@ -160,7 +163,7 @@ def estimates(result: dict, sl: Slice | None, peak_tflops: float | None) -> dict
   if peak_tflops:      # the compiled FLOPs at the chip's peak: no estimate can be below this
     out["compute_floor_s"] = result["compiled_tflops_per_device"] / peak_tflops
   step = result.get("cost_model_step_s", 0.0)
-  if step > 0:
+  if step > 0 and result["unrolled"]:     # scanned layers are counted once: no rate from that
     out["samples_per_s"] = result["batch"] / step
     if peak_tflops:
       out["mfu"] = result["model_tflops_per_step"] / result["devices"] / step / peak_tflops
@@ -180,7 +183,9 @@ def report(r: dict, topology: str) -> str:
   lines.append(f"  FLOPs per step: model {r['model_tflops_per_step']:.1f} TFLOP (analytic + traced towers); "
                f"compiled {r['compiled_tflops_per_device'] * r['devices']:.1f} TFLOP over all devices"
                + ("" if r["unrolled"] else " (loop bodies counted once: use --unroll)"))
-  if "cost_model_step_s" in r:
+  if "cost_model_step_s" in r and not r["unrolled"]:
+    lines.append("  compiler estimate: none (scanned layers are counted once; pass --unroll)")
+  elif "cost_model_step_s" in r:
     line = f"  compiler estimate: step {r['cost_model_step_s']:.4f} s"
     if "samples_per_s" in r:
       line += f", {r['samples_per_s']:.1f} samples/s"
@@ -193,8 +198,8 @@ def report(r: dict, topology: str) -> str:
 
 
 def check(c, topology: str) -> None:
-  """The mistakes that need no compiler: unknown slice, missing libtpu, mesh and batch sizes."""
-  from mgie_jax.training.validate import check_batch
+  """The mistakes that need no compiler: unknown slice, missing libtpu, a bad length (the mesh and
+  batch are checked once the slice's device count is known)."""
   if topology != "local" and topology not in TOPOLOGIES:
     raise errors.BAD_OPTION(flag="--topology", detail=f"unknown slice {topology!r}",
                             fix=f"use local or one of {', '.join(TOPOLOGIES)}")
@@ -214,11 +219,7 @@ def main(argv):
   c, topology = FLAGS.config, FLAGS.topology
   check(c, topology)
   if topology != "local":
-    # libtpu looks for a TPU VM's metadata unless told what it is; no TPU is used.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology)
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the slice; run nothing on a TPU
   import jax
   from mgie_jax import build as build_lib
   devices, sl = target_devices(topology)

@@ -1,7 +1,11 @@
 """Ahead-of-time compiles for TPU slices on a machine without TPUs (mgie_jax.compile)."""
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -11,6 +15,7 @@ from configs import tiny
 from mgie_jax.build import trainable_filter
 from test_cli import run_cases, user_error
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu is not installed (pip install -e ".[tpu]")')
 
@@ -23,14 +28,18 @@ def small_config():
 
 
 @pytest.fixture(scope="module")
-def compiled():
-  from mgie_jax import build, compile as compile_lib
-  c = small_config()
-  devices, sl = compile_lib.target_devices("v5e-4")
-  built = build.shapes_only(c)
-  r = compile_lib.compile_train_step(c, built, devices, seq_len=96, unroll=True)
-  r.update(compile_lib.estimates(r, sl, sl.peak_tflops))
-  return c, built, r
+def compiled(tmp_path_factory):
+  """The command on a small config for a 4-chip v5e slice, in its own process (libtpu stays out
+  of the test process)."""
+  from mgie_jax import build
+  out = tmp_path_factory.mktemp("compile") / "result.json"
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, "-m", "mgie_jax.compile", "--config=configs/tiny.py", "--topology=v5e-4",
+                        "--unroll", "--config.pretrained.vae=", "--config.train.batch_size=8", f"--json={out}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "memory per device" in res.stdout and "compiler estimate: step" in res.stdout, res.stdout
+  return small_config(), build.shapes_only(small_config()), json.loads(out.read_text())
 
 
 @needs_libtpu
@@ -67,11 +76,11 @@ def test_compile_mistakes_are_one_line():
   base = ["--config=configs/ipr2pr.py"]
   cases = {
       "topology": {"module": "mgie_jax.compile", "argv": base + ["--topology=v9-8"],
-                   "forbid": ["mgie_jax.compile:compile_train_step"]},
+                   "forbid": ["mgie_jax.training.setup:setup_for"]},
       "batch": {"module": "mgie_jax.compile", "argv": base + ["--topology=local", "--config.train.batch_size=3",
                                                               "--config.mesh.fsdp=2", "--config.mesh.data=-1"],
                 "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                "forbid": ["mgie_jax.compile:compile_train_step", "mgie_jax.build:standard_shapes"]},
+                "forbid": ["mgie_jax.training.setup:setup_for", "mgie_jax.build:standard_shapes"]},
   }
   results = dict(zip(cases, run_cases(list(cases.values()))))
   user_error(results["topology"], "--topology", "v9-8", "v5p-8")
