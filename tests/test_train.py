@@ -124,12 +124,12 @@ def test_sharded_step_equals_single_device(data, mesh, single_device_step):
   assert a.keys() == b.keys()
   for k in a:
     assert np.abs(a[k] - b[k]).max() <= 1e-5 * max(1.0, float(np.abs(a[k]).max())), k
-  # Parameters and Adam moments are placed per the rules.
-  q = s8.params["unet"]["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+  # Parameters and Adam moments are placed per the rules (tiny UNet: attention in down block 1).
+  q = s8.params["unet"]["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
   want = jax.sharding.PartitionSpec("fsdp", "tensor")
   assert q.sharding.spec == want
   mu = s8.opt_state[1].inner_states["diffusion"].inner_state[0].mu
-  assert mu["unet"]["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"].sharding.spec == want
+  assert mu["unet"]["down_blocks"][1]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"].sharding.spec == want
   emb = s8.params["mllm"]["language_model"]["model"]["embed_tokens"]["embedding"]
   assert emb.sharding.spec[1] == "fsdp"
 
@@ -366,7 +366,7 @@ def test_readme_run_trains_a_vae_that_reconstructs_and_loads_it_frozen(readme_ru
   folder = os.path.join(workdir, "data", "vae")
   with open(os.path.join(folder, "training.json")) as f:
     report = json.load(f)
-  assert report["psnr_test_db"] > 25.0, report      # held-out synthetic images (measured ~27 dB)
+  assert report["psnr_test_db"] > 25.0, report      # held-out synthetic images (measured 26.1-27.5 dB)
   run = trained.load(workdir, 1500, devices=jax.devices()[:1])
   assert "vae" not in run.params                     # frozen: not trained, not checkpointed
   from flax import nnx
