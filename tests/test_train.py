@@ -286,7 +286,7 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
   also when only process 1 gets SIGTERM mid-run: both save the same step, exit 0, and the same
   command resumes to the uninterrupted losses."""
   one = str(tmp_path / "one")
-  mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=40", "--config.data.shards=2",
+  mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=24", "--config.data.shards=2",
           "--config.checkpoint.every=100"]
   subprocess.run(train_cmd(one, data, *mesh), cwd=ROOT, env=env(8), check=True, capture_output=True, timeout=600)
   two = str(tmp_path / "two")
@@ -315,11 +315,11 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
   saved = [re.search(r"preempted at step (\d+): saving", out) for out in outs]
   assert all(saved), [out[-1500:] for out in outs]
   stop = {int(m.group(1)) for m in saved}
-  assert len(stop) == 1 and stop.pop() < 40
-  assert max(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) < 40
+  assert len(stop) == 1 and stop.pop() < 24
+  assert max(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) < 24
   finish(launch())                            # the same command resumes
   want, got = losses(one), losses(two)
-  assert sorted(got) == sorted(want) == list(range(1, 41))
+  assert sorted(got) == sorted(want) == list(range(1, 25))
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
