@@ -75,11 +75,7 @@ def load(workdir, step: int, *, devices=None, mesh: dict | None = None,
   c.mesh = mesh or dict(data=1, fsdp=-1, tensor=1)
   tok = LlamaTokenizer.from_pretrained(build_lib.tokenizer_dir(c, str(workdir)))
   built = build_lib.build(c, tok, workdir)
-  mesh_ = parallel.make_mesh(**dict(c.mesh), devices=devices)
-  rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
-  parts = build_lib.split_model(built.abstract, c.trainable)
-  param_sh = nnx.to_pure_dict(parallel.state_shardings(parts.trainable_template, mesh_, rules))
-  frozen_sh = nnx.to_pure_dict(parallel.state_shardings(parts.frozen_template, mesh_, rules))
+  mesh_, parts, param_sh, frozen_sh = _placement(c, built, devices)
   params = restore_params(workdir, step, parts, param_sh, option)
   frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
   model = parts.merge(params, frozen)
@@ -92,18 +88,24 @@ def from_config(c, tok, *, devices=None, workdir=None):
   checkpoint. Returns (model, mesh)."""
   from mgie_jax.parallel import place_tree
   built = build_lib.build(c, tok, workdir)
-  mesh_ = parallel.make_mesh(**dict(c.mesh), devices=devices)
-  rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
-  parts = build_lib.split_model(built.abstract, c.trainable)
-  param_sh = nnx.to_pure_dict(parallel.state_shardings(parts.trainable_template, mesh_, rules))
-  frozen_sh = nnx.to_pure_dict(parallel.state_shardings(parts.frozen_template, mesh_, rules))
   if built.plan is None:
     raise ValueError("from_config needs a pretrained config (config.model.init='pretrained')")
+  mesh_, parts, param_sh, frozen_sh = _placement(c, built, devices)
   import jax.numpy as jnp
   params = place_tree(built.plan.loaders, nnx.to_pure_dict(parts.trainable_template), param_sh,
                       jnp.dtype(c.model.frozen_dtype))
   frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
   return parts.merge(params, frozen), mesh_
+
+
+def _placement(c, built, devices):
+  """(mesh, trainable/frozen parts, their shardings) of a built model under the config's rules."""
+  mesh_ = parallel.make_mesh(**dict(c.mesh), devices=devices)
+  rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
+  parts = build_lib.split_model(built.abstract, c.trainable)
+  param_sh = nnx.to_pure_dict(parallel.state_shardings(parts.trainable_template, mesh_, rules))
+  frozen_sh = nnx.to_pure_dict(parallel.state_shardings(parts.frozen_template, mesh_, rules))
+  return mesh_, parts, param_sh, frozen_sh
 
 
 def restore_params(workdir, step: int, parts, shardings: dict, option: str) -> dict:

@@ -19,6 +19,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from conftest import ORIGINAL_XLA_FLAGS, max_err, tol, xla_flags
+from test_mgie import EditMapper     # the official edit head, as the release writes it
 from configs import tiny
 from data_pipelines import synthetic
 from mgie_jax.convert.export import TrainedSource, write_diffusers, write_llava_hf, write_llava_v1, write_mgie
@@ -63,23 +64,6 @@ def exported(tmp_path_factory):
   write_diffusers(source, str(out / "diffusers"), F32)
   model = run.model(state.params, run.frozen())
   return root, out, c, run, model
-
-
-class EditMapper(torch.nn.Module):
-  """The official MGIE edit head, as mgie_llava.py writes it (sizes from our config)."""
-
-  def __init__(self, h):
-    super().__init__()
-    self.llm2hid = torch.nn.Linear(h.llm_dim, h.width)
-    self.query = torch.nn.Parameter(torch.randn(1, h.num_queries, h.width))
-    self.mapper = torch.nn.Transformer(batch_first=True, norm_first=True, d_model=h.width, nhead=h.heads,
-                                       num_encoder_layers=h.encoder_layers, num_decoder_layers=h.decoder_layers,
-                                       dim_feedforward=h.ffn, dropout=0.0)
-    self.hid2feat = torch.nn.Linear(h.width, h.out_dim)
-
-  def forward(self, llm, emb):
-    hid = self.llm2hid(llm + emb)
-    return self.hid2feat(self.mapper(hid, self.query.repeat(llm.shape[0], 1, 1)))
 
 
 def test_mllm_pt_and_unet_pt_have_the_official_layout(exported):
