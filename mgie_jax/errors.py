@@ -71,6 +71,7 @@ NO_TOKENIZER = _problem("no_tokenizer", "{name}={path} has no tokenizer.model",
                         "(a LLaVA folder holds one)")
 SOURCE_MISSING = _problem("source_missing", "{flag} {path} does not exist or is not a folder",
                           "give the folder of the source release")
+FOLDER_MISSING = _problem("folder_missing", "{flag} {path} does not exist or is not a folder", "{fix}")
 NOT_A_RELEASE = _problem("not_a_release", "{path} is not {what}",
                          "point {flag} at the folder that holds {needs}")
 SOURCE_CHANGED = _problem("source_changed", "{dataset} was built from {old}, not from {new}",

@@ -101,3 +101,59 @@ def greedy_generate(model, input_ids, attention_mask=None, *, pixel_values=None,
   return _generate(graphdef, state, input_ids, jnp.asarray(attention_mask), pixel_values,
                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
                    eos_id=eos_id, pad_id=pad_id)
+
+
+# --- greedy decoding in chunks: the caller stops as soon as the text it keeps is decided -------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "total", "eos_id", "pad_id"))
+def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, *, total, eos_id, pad_id):
+  model = nnx.merge(graphdef, state)
+  b, t = input_ids.shape
+  mask = attention_mask.astype(bool)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  out = model(input_ids, attention_mask=mask, positions=positions, cache=model.init_cache(b, total),
+              pixel_values=pixel_values)
+  tok = jnp.argmax(out.logits[:, -1].astype(jnp.float32), axis=-1).astype(input_ids.dtype)
+  seq = jnp.concatenate([input_ids, jnp.full((b, total - t), pad_id, input_ids.dtype)], axis=1)
+  seq = seq.at[:, t].set(tok)
+  return tok, seq, tok == eos_id, out.cache, positions[:, -1] + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "eos_id", "pad_id"), donate_argnums=(2,))
+def _extend(graphdef, state, carry, start, *, steps, eos_id, pad_id):
+  """`steps` more greedy tokens; `start` is the index in seq of the last token written."""
+  model = nnx.merge(graphdef, state)
+
+  def step(carry, i):
+    tok, seq, done, cache, pos = carry
+    o = model(tok[:, None], attention_mask=jnp.ones((tok.shape[0], 1), bool), positions=(pos + i)[:, None],
+              cache=cache)
+    nxt = jnp.argmax(o.logits[:, -1].astype(jnp.float32), axis=-1).astype(seq.dtype)
+    nxt = jnp.where(done, pad_id, nxt)
+    seq = jax.lax.dynamic_update_slice_in_dim(seq, nxt[:, None], start + i + 1, axis=1)
+    return (nxt, seq, done | (nxt == eos_id), o.cache, pos), None
+
+  tok, seq, done, cache, pos = jax.lax.scan(step, carry, jnp.arange(steps))[0]
+  return tok, seq, done, cache, pos + steps
+
+
+def greedy_chunks(model, input_ids, attention_mask, *, pixel_values=None, max_new_tokens: int,
+                  chunk: int = 32, eos_id: int = 2, pad_id: int = 0):
+  """Greedy decoding of left-padded prompts that yields (new tokens [B, n] so far, done [B]) every
+  `chunk` tokens; stop iterating to stop decoding. The tokens equal `greedy_generate`'s (no n-gram
+  blocking): the same step, run in pieces."""
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  t = input_ids.shape[1]
+  total = t + -(-max_new_tokens // chunk) * chunk          # whole chunks: one compiled extend
+  graphdef, state = nnx.split(model)
+  carry = _prefill(graphdef, state, input_ids, jnp.asarray(attention_mask), pixel_values, total=total,
+                   eos_id=eos_id, pad_id=pad_id)
+  written = 1
+  while True:
+    # Copies (np.array), since the carry is donated to the next chunk.
+    tokens, done = np.array(carry[1][:, t:t + min(written, max_new_tokens)]), np.array(carry[2])
+    yield tokens, done
+    if written >= max_new_tokens or done.all():
+      return
+    carry = _extend(graphdef, state, carry, t + written - 1, steps=chunk, eos_id=eos_id, pad_id=pad_id)
+    written += chunk

@@ -8,19 +8,20 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
-def dot_product_attention(q, k, v, *, mask=None, implementation: str = "xla"):
+def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implementation: str = "xla"):
   """Scaled dot-product attention over [batch, length, heads, head_dim] tensors.
 
   `k`/`v` may have fewer heads than `q` (grouped-query attention); `mask` is a
   boolean array broadcastable to [batch, heads, q_len, kv_len], True = attend.
   `implementation` is a config value: "xla" runs everywhere, "cudnn" asks for
-  the fused cuDNN kernel on NVIDIA GPUs, "auto" lets JAX pick.
+  the fused cuDNN kernel on NVIDIA GPUs, "auto" lets JAX pick. `bias` (added to the scores,
+  broadcastable like `mask`) and `scale` (default 1/sqrt(head_dim)) serve T5.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   impl = None if implementation == "auto" else implementation
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
 
 
 def causal_padding_mask(query_slots, key_valid):
