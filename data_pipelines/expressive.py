@@ -212,6 +212,9 @@ def run(a):
   mine = [r for n, r in enumerate(rows) if n % hosts == host and r[0] not in done]
   print(f"{len(rows)} examples ({sum(listing_skips.values())} unusable in the listing: {listing_skips}); "
         f"host {host}/{hosts}: {len(mine)} to annotate, {len(done)} done before", file=sys.stderr)
+  if a.batch_size % jax.local_device_count():
+    raise errors.BATCH_MESH(name="--batch_size", batch=a.batch_size, ways=jax.local_device_count(),
+                            suggestion=jax.local_device_count() * max(1, a.batch_size // jax.local_device_count()))
   if mine:
     annotate(a, mine, folder, host)
   done = read_parts(folder)
@@ -223,8 +226,9 @@ def run(a):
 
 
 def annotate(a, mine, folder: str, host: int):
+  import jax
   import jax.numpy as jnp
-  from mgie_jax import annotation
+  from mgie_jax import annotation, parallel
   from mgie_jax.images import BadImage, check_image, clip_view, decode_rgb
   from mgie_jax.models import LlavaForConditionalGeneration
   from mgie_jax.models.t5 import T5ForConditionalGeneration
@@ -232,9 +236,12 @@ def annotate(a, mine, folder: str, host: int):
   from mgie_jax.text.tokenizer import LLAVA_V1_TOKENS, LlamaTokenizer
 
   dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
-  llava = LlavaForConditionalGeneration.from_pretrained(a.llava, dtype, vision_tower=a.vision_tower)
+  # This host's devices: parameters FSDP-sharded by the logical-axis rules, the batch split over them.
+  mesh = parallel.make_mesh(devices=jax.local_devices())
+  llava = parallel.shard_module(
+      LlavaForConditionalGeneration.from_pretrained(a.llava, dtype, vision_tower=a.vision_tower), mesh)
   tok = LlamaTokenizer.from_pretrained(a.llava, extra_tokens=LLAVA_V1_TOKENS)
-  t5 = T5ForConditionalGeneration.from_pretrained(a.summarizer, dtype)
+  t5 = parallel.shard_module(T5ForConditionalGeneration.from_pretrained(a.summarizer, dtype), mesh)
   t5_tok = T5Tokenizer.from_pretrained(a.summarizer)
   settings = annotation.SummarizerSettings.from_folder(a.summarizer)
   size = llava.config.vision.image_size
@@ -255,24 +262,8 @@ def annotate(a, mine, folder: str, host: int):
       except BadImage as e:
         records[key] = {"key": key, "skipped": e.reason}
     if good:
-      # Batches padded to batch_size (copies of the last example) keep one compiled shape.
-      padded = good + [good[-1]] * (a.batch_size - len(good))
-      answers, n = annotation.llava_answers(llava, tok, [g[2] for g in padded], [g[1] for g in padded],
-                                            max_new_tokens=a.max_new_tokens, chunk=a.chunk,
-                                            early_stop=not a.no_early_stop)
-      tokens += n * len(good)
-      cleaned = [annotation.clean(t) for t in answers[:len(good)]]
-      keep = [(g, c) for g, c in zip(good, cleaned) if c is not None]
-      texts = []
-      if keep:
-        to_summarise = [c for _, c in keep]
-        to_summarise += [to_summarise[-1]] * (a.batch_size - len(to_summarise))
-        texts = annotation.summaries(t5, t5_tok, to_summarise, settings)[:len(keep)]
-      for (key, instruction, _), summary in zip([g for g, _ in keep], texts):
-        records[key] = {"key": key, "instruction": instruction, "expressive": summary, "llava_tokens": n}
-      for g, c in zip(good, cleaned):
-        if c is None:
-          records[g[0]] = {"key": g[0], "skipped": "empty_answer"}
+      with parallel.activate(mesh):
+        tokens += _annotate_batch(a, good, records, llava, tok, t5, t5_tok, settings)
     for key, _, _ in batch:
       part.write(json.dumps(records[key], ensure_ascii=False) + "\n")
     part.flush()
@@ -281,6 +272,30 @@ def annotate(a, mine, folder: str, host: int):
     bar.set_postfix(llava_tokens=tokens)
   bar.close()
   part.close()
+
+
+def _annotate_batch(a, good, records, llava, tok, t5, t5_tok, settings) -> int:
+  """LLaVA answers, clean-up and summaries for decodable examples; fills `records`, returns the
+  number of LLaVA tokens decoded."""
+  from mgie_jax import annotation
+  # Batches padded to batch_size (copies of the last example) keep one compiled shape.
+  padded = good + [good[-1]] * (a.batch_size - len(good))
+  answers, n = annotation.llava_answers(llava, tok, [g[2] for g in padded], [g[1] for g in padded],
+                                        max_new_tokens=a.max_new_tokens, chunk=a.chunk,
+                                        early_stop=not a.no_early_stop)
+  cleaned = [annotation.clean(t) for t in answers[:len(good)]]
+  keep = [(g, c) for g, c in zip(good, cleaned) if c is not None]
+  texts = []
+  if keep:
+    to_summarise = [c for _, c in keep]
+    to_summarise += [to_summarise[-1]] * (a.batch_size - len(to_summarise))
+    texts = annotation.summaries(t5, t5_tok, to_summarise, settings)[:len(keep)]
+  for (key, instruction, _), summary in zip([g for g, _ in keep], texts):
+    records[key] = {"key": key, "instruction": instruction, "expressive": summary, "llava_tokens": n}
+  for g, c in zip(good, cleaned):
+    if c is None:
+      records[g[0]] = {"key": g[0], "skipped": "empty_answer"}
+  return n * len(good)
 
 
 if __name__ == "__main__":

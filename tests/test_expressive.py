@@ -11,10 +11,15 @@ import time
 
 import pytest
 
+from conftest import ORIGINAL_XLA_FLAGS, xla_flags
 from expressive_fixtures import make_llava_v1, make_t5
 from mgie_jax import annotation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(devices: int = 1) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices, ORIGINAL_XLA_FLAGS)}
 
 
 def test_clean_follows_the_notebook():
@@ -63,8 +68,7 @@ def command(release, out, *extra):
 
 
 def run(cmd):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def tokens(out):
@@ -78,10 +82,10 @@ def runs(release):
   root = release["root"]
   outs = {"plain": str(root / "plain.json"), "full": str(root / "full.json")}
   procs = {"plain": subprocess.Popen(command(release, outs["plain"]), cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}),
+                                     stderr=subprocess.PIPE, text=True, env=env()),
            "full": subprocess.Popen(command(release, outs["full"], "--no_early_stop"), cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, "JAX_PLATFORMS": "cpu"})}
+                                    env=env())}
   results = {k: p.communicate(timeout=600) for k, p in procs.items()}
   for k, p in procs.items():
     assert p.returncode == 0, results[k][1][-2000:]
@@ -113,8 +117,7 @@ def test_early_stopping_gives_the_full_decode_text(runs):
 def test_kill_and_restart_gives_the_same_file(release, runs):
   outs, _ = runs
   out = str(release["root"] / "killed.json")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(command(release, out, "--batch_size=1"), cwd=ROOT, env=env,
+  proc = subprocess.Popen(command(release, out, "--batch_size=1"), cwd=ROOT, env=env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   part = os.path.join(out + ".parts", "part-00000.jsonl")
   deadline = time.time() + 300
@@ -134,10 +137,12 @@ def test_kill_and_restart_gives_the_same_file(release, runs):
 
 
 def test_two_hosts_give_the_same_file_as_one(release, runs):
+  """Two hosts, one of them with two devices, write the same merged file as one host."""
   outs, _ = runs
   out = str(release["root"] / "two.json")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(command(release, out, f"--host_index={i}", "--host_count=2"), cwd=ROOT, env=env,
+  # Host 0 has two (simulated) devices: parameters FSDP-sharded, the batch split over them.
+  envs = [env(2), env(1)]
+  procs = [subprocess.Popen(command(release, out, f"--host_index={i}", "--host_count=2"), cwd=ROOT, env=envs[i],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   assert all(p.returncode == 0 for p in procs), errs
