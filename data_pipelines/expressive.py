@@ -203,6 +203,9 @@ def main(argv=None):
 
 def run(a):
   import jax
+  from mgie_jax import parallel
+  if a.host_count is None:
+    parallel.init_distributed()      # a TPU pod / SLURM job: jax.process_index() names this host
   rows, listing_skips = listing(a.source)
   if a.limit:
     rows = rows[:a.limit]

@@ -176,6 +176,13 @@ def test_builder_joins_the_file_and_counts_the_rest(release, runs, tmp_path):
   meta = dict(builder.info.metadata)
   fallback = sum(notes.get("expressive_fallback", 0) for notes in meta["notes"].values())
   assert fallback == len(seen) - len(table) == 6, meta
+  # The built dataset is a source too: the same annotations for the pairs it kept.
+  out_built = str(release["root"] / "from_built.json")
+  r = run(command(release, out_built, f"--source={builder.data_dir}"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(out_built) as f, open(runs[0]["plain"]) as g:
+    from_built, plain = json.load(f), json.load(g)
+  assert set(from_built) == set(seen) and all(from_built[k] == plain[k] for k in from_built)
 
 
 def test_mistakes_are_one_line_exit_2(release, tmp_path):
