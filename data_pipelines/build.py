@@ -19,15 +19,9 @@ the arguments is one line on stderr and exit code 2.
 import argparse
 import json
 import os
-import sys
 
+from data_pipelines.cli import Parser, run_command
 from mgie_jax import errors
-
-
-class Parser(argparse.ArgumentParser):
-  def error(self, message):   # one line, exit code 2 (argparse's own convention)
-    print(f"error: {message}; see --help", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse(argv=None):
@@ -101,15 +95,7 @@ def check_eval_source(a) -> None:
 
 
 def main(argv=None):
-  a = parse(argv)
-  try:
-    check(a)
-    run(a)
-  except errors.UserError as e:
-    if a.verbose:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_command(parse(argv), check, run)
 
 
 def run(a):

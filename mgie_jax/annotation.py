@@ -117,10 +117,8 @@ class SummarizerSettings:
 def summaries(t5, t5_tok, texts, settings: SummarizerSettings, pad_multiple: int = 32) -> list[str]:
   from mgie_jax.beam_search import generate
   prompts = [settings.prefix + SUMMARY_PROMPT.format(text=t) for t in texts]
-  ids, mask = t5_tok.batch(prompts)
-  width = _bucket(ids.shape[1], pad_multiple)
-  ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=t5_tok.pad_id)
-  mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
+  rows = [t5_tok.encode(p) for p in prompts]
+  ids, mask = pad_batch(rows, _bucket(max(map(len, rows)), pad_multiple), pad_id=t5_tok.pad_id, side="right")
   out = generate(t5, ids, mask, num_beams=settings.num_beams, max_length=settings.max_length,
                  min_length=settings.min_length, length_penalty=settings.length_penalty,
                  early_stopping=settings.early_stopping, no_repeat_ngram_size=settings.no_repeat_ngram_size)

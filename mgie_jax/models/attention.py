@@ -24,6 +24,14 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implemen
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
 
 
+def empty_kv_cache(layers: int, batch: int, max_length: int, heads: int, head_dim: int, dtype) -> dict:
+  """The functional decoding cache our decoders share: k/v [layers, B, max_length, heads, head_dim],
+  per-slot validity, and the next write index."""
+  shape = (layers, batch, max_length, heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.zeros((batch, max_length), bool), "index": jnp.zeros((), jnp.int32)}
+
+
 def causal_padding_mask(query_slots, key_valid):
   """Boolean [batch, 1, q, kv] mask: key slot j is visible to query slot i iff j <= i and key j is real.
 

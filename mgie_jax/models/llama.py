@@ -15,7 +15,7 @@ from flax import nnx
 
 from mgie_jax.models import layers
 from mgie_jax.parallel import constrain
-from mgie_jax.models.attention import causal_padding_mask, dot_product_attention
+from mgie_jax.models.attention import causal_padding_mask, dot_product_attention, empty_kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +221,5 @@ class LlamaForCausalLM(nnx.Module):
   def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
     """An empty KV cache: k/v [layers, B, max_length, kv_heads, head_dim], per-slot validity, write index."""
     cfg = self.config
-    shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
-    dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_length), bool), "index": jnp.zeros((), jnp.int32)}
+    return empty_kv_cache(cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim,
+                          dtype or cfg.dtype)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mgie_jax.models import layers
-from mgie_jax.models.attention import dot_product_attention
+from mgie_jax.models.attention import dot_product_attention, empty_kv_cache
 from mgie_jax.parallel import constrain
 
 
@@ -319,7 +319,4 @@ class T5ForConditionalGeneration(nnx.Module):
   def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
     """Empty decoder self-attention cache: k/v [layers, B, max_length, heads, d_kv]."""
     cfg = self.config
-    shape = (cfg.num_decoder_layers, batch, max_length, cfg.num_heads, cfg.d_kv)
-    dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_length), bool), "index": jnp.zeros((), jnp.int32)}
+    return empty_kv_cache(cfg.num_decoder_layers, batch, max_length, cfg.num_heads, cfg.d_kv, dtype or cfg.dtype)

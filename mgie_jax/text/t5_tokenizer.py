@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import sentencepiece as spm
 
 
@@ -45,16 +44,6 @@ class T5Tokenizer:
     if truncation and len(ids) + 1 > self.model_max_length:
       ids = ids[:self.model_max_length - 1]
     return ids + [self.eos_id]
-
-  def batch(self, texts: list[str], *, truncation: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids and attention mask [B, longest]."""
-    rows = [self.encode(t, truncation=truncation) for t in texts]
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), self.pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-      ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    return ids, mask
 
   def decode(self, ids) -> str:
     special = {self.pad_id, self.eos_id, self.unk_id}
