@@ -48,8 +48,10 @@ def get_config(arg=None):
                         max_position_embeddings=32),   # used by kind="ip2p" only
       # The DDPM training schedule (SD's betas); inference samples on the same one. v-prediction:
       # from scratch, epsilon-prediction learns to use the input image far too slowly at high noise.
+      # Zero terminal SNR: with SD's betas the noisiest step still shows the target, which a model
+      # trained from scratch learns to read and sampling never gives it (docs/benchmarks.md).
       noise=dict(beta_schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085,
-                 beta_end=0.012, prediction_type="v_prediction"),
+                 beta_end=0.012, prediction_type="v_prediction", rescale_betas_zero_snr=True),
   )
   # Trained parameters, by path prefix. The release trains embeddings, lm_head, edit head and UNet
   # of a pretrained LLaVA; from random weights the whole MLLM has to learn.
@@ -95,6 +97,6 @@ def get_config(arg=None):
   c.log = dict(every=50, tensorboard=True, sample_every=750, samples=4, sample_steps=20,
                sample_new_tokens=40)
   # Validation: edit the split's examples and compare their L1 with copying the input.
-  c.eval = dict(at_end=True, every=0, split="test", examples=0, batch_size=16, sample_steps=20,
-                text_scale=4.0, image_scale=1.5, max_new_tokens=40)
+  c.eval = dict(at_end=True, every=0, split="test", examples=0, batch_size=16, sampler="euler_ancestral",
+                sample_steps=20, text_scale=4.0, image_scale=1.5, max_new_tokens=40)
   return c

@@ -128,6 +128,7 @@ def results(data, saved_run, tmp_path_factory):
       "batch_mesh": train(*train_flags(data, tmp / "w4", "--config.train.batch_size=6")),
       "grad_accum": train(*train_flags(data, tmp / "w5", "--config.train.grad_accum=3")),
       "not_a_dataset": train(*train_flags(data, tmp / "w6", f"--config.data.dir={tmp / 'not_a_release'}")),
+      "eval_sampler": train(*train_flags(data, tmp / "w7", "--config.eval.sampler=dpm")),
       "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
       "mismatch": train(*train_flags(data, saved_run, "--config.train.steps=8",
                                      "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
@@ -174,9 +175,10 @@ def test_train_config_mistakes_before_any_model(results):
   user_error(results["batch_mesh"], "train.batch_size 6", "data x fsdp = 8", "multiple of 8")
   user_error(results["grad_accum"], "grad_accum=3")
   user_error(results["not_a_dataset"], "config.data.dir", "no built dataset", "data_pipelines.build")
-  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset"):
+  user_error(results["eval_sampler"], "--config.eval.sampler", "'dpm'", "euler_ancestral, euler, ddim")
+  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler"):
     assert results[name]["seconds"] < 30, (name, results[name]["seconds"])     # no model, no compile
-  for name in ("w1", "w4", "w5", "w6"):
+  for name in ("w1", "w4", "w5", "w6", "w7"):
     assert not os.path.exists(os.path.join(results["_paths"]["tmp"], name))   # nothing half-written
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import max_err
 from mgie_jax.diffusion import DDPMSchedule, SamplerConfig, edit_images, make_sampler
+from mgie_jax.diffusion.schedule import NoiseSchedule
 from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -23,6 +24,13 @@ CASES = [
     (diffusers.DDIMScheduler, dict(timestep_spacing="trailing", set_alpha_to_one=False)),
     (diffusers.DDIMScheduler, dict(timestep_spacing="linspace", clip_sample=False,
                                    prediction_type="v_prediction")),
+    # Zero terminal SNR (pure noise at t = 999; Euler's first sigma is then 4096).
+    (diffusers.EulerAncestralDiscreteScheduler, dict(timestep_spacing="trailing", prediction_type="v_prediction",
+                                                     rescale_betas_zero_snr=True)),
+    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace", prediction_type="v_prediction",
+                                            rescale_betas_zero_snr=True)),
+    (diffusers.DDIMScheduler, dict(timestep_spacing="trailing", clip_sample=False, prediction_type="v_prediction",
+                                   rescale_betas_zero_snr=True)),
 ]
 
 
@@ -90,6 +98,28 @@ def test_training_schedule_matches_ddpm(beta_schedule):
   v = DDPMSchedule.create(**kw, prediction_type="v_prediction")
   assert max_err(v.target(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), want_v) <= 1e-6
   assert max_err(ours.target(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), noise) == 0.0
+
+
+def test_zero_terminal_snr_training_schedule_matches_ddpm():
+  """rescale_betas_zero_snr: alpha-bar as diffusers computes it, exactly 0 at the last step, where
+  the noisy latents are pure noise and the v target is -x0."""
+  ref = diffusers.DDPMScheduler(**SD, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+  ours = NoiseSchedule(**SD, prediction_type="v_prediction", rescale_betas_zero_snr=True).ddpm()
+  assert max_err(ours.alphas_cumprod, ref.alphas_cumprod.numpy()) <= 1e-6
+  assert float(ours.alphas_cumprod[-1]) == 0.0 and float(ours.alphas_cumprod[0]) == pytest.approx(1 - 0.00085)
+  rng = np.random.default_rng(3)
+  x0, noise = (rng.normal(size=(3, 4, 8, 8)).astype(np.float32) for _ in range(2))
+  t = np.array([0, 500, 999])
+  want = ref.add_noise(torch.as_tensor(x0), torch.as_tensor(noise), torch.as_tensor(t)).numpy()
+  # 1e-5: at t = 0, sqrt(1 - alpha-bar) with 1 - alpha-bar = 8.5e-4 turns the two float32 rescalings'
+  # 1e-7 difference in alpha-bar into ~3e-6 relative.
+  assert max_err(ours.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), want) <= 1e-5
+  np.testing.assert_array_equal(np.asarray(ours.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))[2], noise[2])
+  want_v = ref.get_velocity(torch.as_tensor(x0), torch.as_tensor(noise), torch.as_tensor(t)).numpy()
+  assert max_err(ours.target(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), want_v) <= 1e-5
+  np.testing.assert_array_equal(np.asarray(ours.target(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))[2], -x0[2])
+  with pytest.raises(ValueError, match="v_prediction"):
+    NoiseSchedule(rescale_betas_zero_snr=True)
 
 
 def test_sampler_config_errors():

@@ -39,6 +39,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def editor(data):
   c = tiny.get_config()
+  # SD's schedule (Euler starts at sigma 14.6): with zero terminal SNR it starts at 4096, and this
+  # random model's batch-shape-dependent float32 rounding then reaches ~1e-5 in SSIM.
+  c.model.noise.rescale_betas_zero_snr = False
   tok = LlamaTokenizer.from_pretrained(data[1])
   model = MGIE(build_lib.random_config(c, tok), rngs=nnx.Rngs(0))
   return ed.MGIEEditor("tiny", model, tok, step=7, resolution=32, max_new_tokens=4)

@@ -35,6 +35,7 @@ def tiny_config(tok_dir):
   c.data.tokenizer = tok_dir
   c.pretrained.vae = ""
   c.model.noise.prediction_type = "epsilon"      # diffusers' InstructPix2Pix default
+  c.model.noise.rescale_betas_zero_snr = False
   return c
 
 

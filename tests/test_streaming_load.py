@@ -38,6 +38,7 @@ def probe(tmp_path_factory):
   c.model.edit_head = dict(llm_dim=768, width=64, heads=4, ffn=128, encoder_layers=1, decoder_layers=1,
                            num_queries=77, out_dim=32)
   c.model.noise.prediction_type = "epsilon"
+  c.model.noise.rescale_betas_zero_snr = False
   run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
   state, _ = run.new_state()
   ckpt = Checkpointer(str(root / "run"), every=1, keep=1, async_save=False)

@@ -347,8 +347,8 @@ def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run)
   print(line)
   assert f"L1 {v['l1']:.4f} vs copy-input {v['copy_input_l1']:.4f}" in line
   # What the run must have learned, with margins that hold across seeds and CPUs. Whether it
-  # beats copying the input on L1 depends on the seed and the CPU at this budget (docs/benchmarks.md:
-  # 2 of 3 seeds here, L1 0.08-0.23 against copy's 0.09-0.14); runs that learned nothing or
+  # beats copying the input on L1 depends on the seed and the CPU at this budget (docs/benchmarks.md,
+  # "The tiny training run": L1 0.09-0.18 against copy's 0.11-0.16 over 3 seeds); runs that learned nothing or
   # produce noise score keep_acc <= 0.3 and L1 >= 2.6x copy's, trained ones keep_acc >= 0.6 and
   # L1 <= 1.8x.
   assert v["exp_token_acc"] > 0.85, v                # the expressive instructions are learned

@@ -290,7 +290,8 @@ def write_diffusers(source: TrainedSource, out: str, dtype="float16") -> list[st
   scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
                "num_train_timesteps": noise.num_train_timesteps, "beta_start": noise.beta_start,
                "beta_end": noise.beta_end, "beta_schedule": noise.beta_schedule,
-               "prediction_type": noise.prediction_type, "timestep_spacing": "linspace", "steps_offset": 0}
+               "prediction_type": noise.prediction_type, "timestep_spacing": "linspace", "steps_offset": 0,
+               "rescale_betas_zero_snr": bool(noise.rescale_betas_zero_snr)}
   os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
   with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(scheduler, f, indent=1)

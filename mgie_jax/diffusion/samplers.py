@@ -52,7 +52,7 @@ class SamplerConfig:
     if kind is None:
       raise ValueError(f"scheduler {name!r} is not supported; known: {sorted(DIFFUSERS_NAMES)}")
     for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                 "rescale_betas_zero_snr", "thresholding"):
+                 "thresholding"):
       if config.get(flag):
         raise ValueError(f"scheduler option {flag}=True is not supported")
     sched_names = {f.name for f in dataclasses.fields(NoiseSchedule)}
@@ -152,6 +152,9 @@ def make_sampler(cfg: SamplerConfig, num_steps: int) -> Sampler:
     return Sampler(jnp.asarray(ts), jnp.zeros(n + 1), jnp.asarray(acp[ts]), jnp.asarray(acp_prev),
                    jnp.asarray(1.0), cfg.kind, cfg.schedule.prediction_type, cfg.eta,
                    cfg.clip_sample_range if cfg.clip_sample else None)
+  if cfg.schedule.rescale_betas_zero_snr:
+    acp = acp.copy()
+    acp[-1] = 2.0 ** -24          # diffusers' Euler schedulers: a finite (huge) first sigma
   sig = (((1 - acp) / acp) ** 0.5).astype(np.float32)
   sig = np.interp(ts, np.arange(len(sig)), sig)
   sig = np.concatenate([sig, [0.0]]).astype(np.float32)

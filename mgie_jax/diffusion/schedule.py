@@ -29,6 +29,19 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
   return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Betas whose last alpha-bar is exactly 0 (Lin et al. 2024, diffusers' `rescale_betas_zero_snr`):
+  sqrt(alpha-bar) shifted and scaled to keep its first value and end at 0. Without it the noisiest
+  training step still holds sqrt(0.0047) of the clean latents (SD's schedule), which a model
+  trained from scratch learns to rely on and sampling, started from pure noise, never provides."""
+  root = np.sqrt(alphas_cumprod(betas))
+  first, last = root[0].copy(), root[-1].copy()
+  root = (root - last) * (first / (first - last))
+  bar = root ** 2
+  alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+  return (1.0 - alphas).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
   """What a diffusion model was trained with; training and every sampler read it from here."""
@@ -37,12 +50,16 @@ class NoiseSchedule:
   beta_start: float = 0.00085
   beta_end: float = 0.012
   prediction_type: str = "epsilon"
+  rescale_betas_zero_snr: bool = False      # pure noise at the last timestep (needs v-prediction)
 
   def __post_init__(self):
     if self.beta_schedule not in BETA_SCHEDULES:
       raise ValueError(f"beta schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
     if self.prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+    if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+      raise ValueError("rescale_betas_zero_snr needs prediction_type='v_prediction': at zero SNR the "
+                       "noise alone says nothing about the image")
 
   @classmethod
   def from_diffusers(cls, config: dict) -> "NoiseSchedule":
@@ -52,9 +69,12 @@ class NoiseSchedule:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in names})
 
+  def betas(self) -> np.ndarray:
+    betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+    return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
   def alphas_cumprod(self) -> np.ndarray:
-    return alphas_cumprod(make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start,
-                                     self.beta_end))
+    return alphas_cumprod(self.betas())
 
   def ddpm(self) -> "DDPMSchedule":
     return DDPMSchedule(jnp.asarray(self.alphas_cumprod()), self.prediction_type)

@@ -19,7 +19,8 @@ def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None
   metrics = metrics_lib.make_metrics(names, palette=palette)
   editor = editors.MGIEEditor("run", model, tok, step=step, resolution=c.data.resolution,
                               max_new_tokens=e.max_new_tokens, mesh=mesh)
-  setting = sweep.Setting(e.text_scale, e.image_scale, c.seed, "euler_ancestral", e.sample_steps, c.data.resolution)
+  setting = sweep.Setting(e.text_scale, e.image_scale, c.seed, e.get("sampler", "euler_ancestral"), e.sample_steps,
+                          c.data.resolution)
   results = sweep.MemoryResults()
   sweep.Sweep([editor, editors.CopyInput()], [setting], metrics, results, e.batch_size).run(examples)
   out = {"examples": len(examples)}
