@@ -26,7 +26,6 @@ from data_pipelines.cli import Parser, run_command
 from mgie_jax import errors
 
 
-
 def parse(argv=None):
   p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--source", required=True, help="IPr2Pr folder release, or a built ipr2pr dataset folder")

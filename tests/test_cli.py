@@ -129,6 +129,8 @@ def results(data, saved_run, tmp_path_factory):
       "grad_accum": train(*train_flags(data, tmp / "w5", "--config.train.grad_accum=3")),
       "not_a_dataset": train(*train_flags(data, tmp / "w6", f"--config.data.dir={tmp / 'not_a_release'}")),
       "eval_sampler": train(*train_flags(data, tmp / "w7", "--config.eval.sampler=dpm")),
+      "noise": train(*train_flags(data, tmp / "w8", "--config.model.noise.prediction_type=epsilon",
+                                  "--config.model.noise.rescale_betas_zero_snr=True")),
       "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
       "mismatch": train(*train_flags(data, saved_run, "--config.train.steps=8",
                                      "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
@@ -176,9 +178,10 @@ def test_train_config_mistakes_before_any_model(results):
   user_error(results["grad_accum"], "grad_accum=3")
   user_error(results["not_a_dataset"], "config.data.dir", "no built dataset", "data_pipelines.build")
   user_error(results["eval_sampler"], "--config.eval.sampler", "'dpm'", "euler_ancestral, euler, ddim")
-  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler"):
+  user_error(results["noise"], "--config.model.noise", "rescale_betas_zero_snr needs prediction_type='v_prediction'")
+  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler", "noise"):
     assert results[name]["seconds"] < 30, (name, results[name]["seconds"])     # no model, no compile
-  for name in ("w1", "w4", "w5", "w6", "w7"):
+  for name in ("w1", "w4", "w5", "w6", "w7", "w8"):
     assert not os.path.exists(os.path.join(results["_paths"]["tmp"], name))   # nothing half-written
 
 

@@ -90,10 +90,12 @@ def check_training_config(c, devices: int, processes: int) -> None:
   if sampler not in KINDS:
     raise errors.BAD_OPTION(flag="--config.eval.sampler", detail=repr(sampler), fix=f"use one of {', '.join(KINDS)}")
   noise = dict(c.model.get("noise", None) or {})
-  if noise.get("rescale_betas_zero_snr") and noise.get("prediction_type", "epsilon") != "v_prediction":
-    raise errors.BAD_OPTION(flag="--config.model.noise.rescale_betas_zero_snr",
-                            detail=f"zero terminal SNR with prediction_type={noise.get('prediction_type', 'epsilon')!r}",
-                            fix="use prediction_type=v_prediction, or rescale_betas_zero_snr=False")
+  if noise:                # the schedule's own checks, made before any model is built
+    from mgie_jax.diffusion.schedule import NoiseSchedule
+    try:
+      NoiseSchedule(**noise)
+    except (TypeError, ValueError) as e:
+      raise errors.BAD_OPTION(flag="--config.model.noise", detail=str(e), fix="change those noise options")
   for b in c.data.get("length_buckets", None) or ():
     if not 0 < int(b) <= int(c.data.max_length):
       raise errors.BAD_OPTION(flag="--config.data.length_buckets", detail=f"{b} is not in 1..max_length "
