@@ -351,11 +351,15 @@ def _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh,
   if not c.data.dir:
     from data_pipelines.synthetic import COLORS as palette
   t0 = time.time()
-  v = validate(parts.merge(state.params, frozen), tok, data_dir, c, step, mesh, palette)
+  v, per_example = validate(parts.merge(state.params, frozen), tok, data_dir, c, step, mesh, palette)
   if lead:
     log.info("%s (%.0f s)", summary_line(c.eval.split, step, v), time.time() - t0)
     from mgie_jax import paths
     paths.Appender(paths.path(workdir) / "eval.jsonl").write(json.dumps({"step": step, "split": c.eval.split, **v}) + "\n")
+    # Which edits fail, and what the MLLM wrote for them: the mean hides it.
+    rows = paths.path(workdir) / "eval_examples" / f"step_{step:07d}.jsonl"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    rows.write_text("".join(json.dumps(r) + "\n" for r in per_example))
     if writer:
       for k, val in v.items():
         writer.add_scalar(f"eval/{k}", val, step)

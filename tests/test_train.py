@@ -354,6 +354,13 @@ def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run)
   assert v["exp_token_acc"] > 0.85, v                # the expressive instructions are learned
   assert v["keep_acc"] > 0.45, v                     # what the edit must not touch is kept
   assert v["l1"] < 2.2 * v["copy_input_l1"], v
+  # One row per example: what the MLLM wrote and each score, the summary their mean.
+  with open(os.path.join(workdir, "eval_examples", "step_0001500.jsonl")) as f:
+    per = [json.loads(l) for l in f]
+  assert len(per) == 20 and len({r["key"] for r in per}) == 20
+  assert all(r["instruction"] and isinstance(r["expressive"], str) for r in per), per[0]
+  for m in ("l1", "copy_input_l1", "exp_token_acc"):
+    assert abs(np.mean([r[m] for r in per]) - v[m]) < 1e-6, m
   events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if "tfevents" in f]
   assert events and b"eval/l1" in open(os.path.join(workdir, "tensorboard", events[0]), "rb").read()
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000750.png", "step_0001500.png"]

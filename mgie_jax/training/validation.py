@@ -11,8 +11,9 @@ import numpy as np
 from mgie_jax.evaluation import editors, metrics as metrics_lib, sweep
 
 
-def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None = None) -> dict:
-  """{metric: mean} for the model and `copy_input_<metric>` for the do-nothing row."""
+def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None = None):
+  """({metric: mean} for the model and `copy_input_<metric>` for the do-nothing row, one dict per
+  example: instruction, the written expressive instruction, the model's and copying's scores)."""
   e = c.eval
   examples = sweep.load_examples(data_dir, e.split, e.examples)
   names = ["l1"] + (list(metrics_lib.PALETTE) if palette else [])
@@ -30,7 +31,13 @@ def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None
       vals = [r[m] for r in rows if m in r]
       if vals:
         out[prefix + m] = float(np.mean(vals))
-  return out
+  copy = {r["key"]: r for r in results.rows if r["name"] == "copy-input"}
+  by_key = {e.key: e for e in examples}
+  per_example = [{"key": r["key"], "instruction": by_key[r["key"]].instruction, "expressive": r["expressive"],
+                  **{m: r[m] for m in names + ["exp_exact", "exp_token_acc"] if m in r},
+                  **{"copy_input_" + m: copy[r["key"]][m] for m in names if m in copy.get(r["key"], {})}}
+                 for r in results.rows if r["name"] == "run"]
+  return out, per_example
 
 
 def summary_line(split: str, step: int, v: dict) -> str:
