@@ -24,19 +24,18 @@ def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None
                           c.data.resolution)
   results = sweep.MemoryResults()
   sweep.Sweep([editor, editors.CopyInput()], [setting], metrics, results, e.batch_size).run(examples)
-  out = {"examples": len(examples)}
-  for who, prefix in (("run", ""), ("copy-input", "copy_input_")):
-    rows = [r for r in results.rows if r["name"] == who]
-    for m in names + ["exp_exact", "exp_token_acc"]:
-      vals = [r[m] for r in rows if m in r]
-      if vals:
-        out[prefix + m] = float(np.mean(vals))
   copy = {r["key"]: r for r in results.rows if r["name"] == "copy-input"}
-  by_key = {e.key: e for e in examples}
-  per_example = [{"key": r["key"], "instruction": by_key[r["key"]].instruction, "expressive": r["expressive"],
-                  **{m: r[m] for m in names + ["exp_exact", "exp_token_acc"] if m in r},
+  instruction = {ex.key: ex.instruction for ex in examples}
+  scores = names + ["exp_exact", "exp_token_acc"]
+  per_example = [{"key": r["key"], "instruction": instruction[r["key"]], "expressive": r["expressive"],
+                  **{m: r[m] for m in scores if m in r},
                   **{"copy_input_" + m: copy[r["key"]][m] for m in names if m in copy.get(r["key"], {})}}
                  for r in results.rows if r["name"] == "run"]
+  out = {"examples": len(examples)}
+  for m in scores + ["copy_input_" + m for m in names]:
+    vals = [r[m] for r in per_example if m in r]
+    if vals:
+      out[m] = float(np.mean(vals))
   return out, per_example
 
 
