@@ -50,6 +50,8 @@ def get_config(arg=None):
   c.train.lr_diffusion = 5e-4              # 1e-4 diffusion (the release used 5e-4 for both)
   c.train.ins_loss_weight = 1.0            # L = L_ins + 0.5 L_edit
   c.train.edit_loss_weight = 0.5
+  c.train.ema_decay = 0.0                  # the release keeps no EMA (one would be another fp32
+                                           # copy of the trained weights on every chip)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.checkpoint.update(every=1000, keep=3, async_save=True)
   c.compile_cache_min_seconds = 1.0

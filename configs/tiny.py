@@ -84,6 +84,10 @@ def get_config(arg=None):
       # head needs, and the text is still learned (teacher-forced token accuracy ~0.93).
       ins_loss_weight=0.02, edit_loss_weight=1.0,
       min_snr_gamma=0.0,                   # > 0: Min-SNR-gamma weights on the diffusion loss
+      # > 0: keep an EMA of the trained weights (decay warmed up as (1 + t) / (10 + t), capped
+      # here); samples, validation, edit, evaluate and export then use it. Off: on this recipe it
+      # helped three runs and hurt a fourth (docs/benchmarks.md).
+      ema_decay=0.0,
   )
 
   c.mesh = dict(data=1, fsdp=-1, tensor=1)

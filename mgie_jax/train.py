@@ -346,12 +346,13 @@ def _once(lead, what, make, path):
 
 def _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer):
   """The validation summary: the edits' L1 on c.eval.split against copying the input."""
+  from mgie_jax.training.setup import eval_params
   from mgie_jax.training.validation import summary_line, validate
   palette = None
   if not c.data.dir:
     from data_pipelines.synthetic import COLORS as palette
   t0 = time.time()
-  v, per_example = validate(parts.merge(state.params, frozen), tok, data_dir, c, step, mesh, palette)
+  v, per_example = validate(parts.merge(eval_params(state), frozen), tok, data_dir, c, step, mesh, palette)
   if lead:
     log.info("%s (%.0f s)", summary_line(c.eval.split, step, v), time.time() - t0)
     from mgie_jax import paths
@@ -371,6 +372,7 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, 
   import jax
   from data_pipelines.loader import open_source
   from mgie_jax import inference
+  from mgie_jax.training.setup import eval_params
   from mgie_jax.images import decode_rgb
   src = open_source(data_dir, "validation")
   recs = [src[i] for i in range(min(c.log.samples, len(src)))]
@@ -379,7 +381,7 @@ def _write_samples(c, workdir, step, parts, state, frozen, tok, data_dir, lead, 
     return
   images = [decode_rgb(r["input_image"]) for r in recs]
   instructions = [r["instruction"].decode() for r in recs]
-  model = parts.merge(state.params, frozen)
+  model = parts.merge(eval_params(state), frozen)
   with jax.set_mesh(mesh):
     out, texts = inference.edit(model, tok, images, instructions, key=jax.random.key(step),
                                 resolution=c.data.resolution, steps=c.log.sample_steps,

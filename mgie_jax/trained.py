@@ -76,7 +76,9 @@ def load(workdir, step: int, *, devices=None, mesh: dict | None = None,
   tok = LlamaTokenizer.from_pretrained(build_lib.tokenizer_dir(c, str(workdir)))
   built = build_lib.build(c, tok, workdir)
   mesh_, parts, param_sh, frozen_sh = _placement(c, built, devices)
-  params = restore_params(workdir, step, parts, param_sh, option)
+  # A run that kept an EMA of its weights is used through the EMA (as it sampled and validated).
+  params = restore_params(workdir, step, parts, param_sh, option,
+                          key="ema" if float(c.train.get("ema_decay", 0.0)) > 0 else "params")
   frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
   model = parts.merge(params, frozen)
   return Trained(model, tok, c, step, epath.Path(workdir), mesh_, params, built)
@@ -108,12 +110,12 @@ def _placement(c, built, devices):
   return mesh_, parts, param_sh, frozen_sh
 
 
-def restore_params(workdir, step: int, parts, shardings: dict, option: str) -> dict:
-  """Only `state.params` of a checkpoint, straight into `shardings` (fp32 master copies)."""
+def restore_params(workdir, step: int, parts, shardings: dict, option: str, key: str = "params") -> dict:
+  """Only `state.params` (or `state.ema`) of a checkpoint, straight into `shardings` (fp32)."""
   import jax.numpy as jnp
   template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
                           nnx.to_pure_dict(parts.trainable_template))
-  item = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+  item = {key: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  template, shardings)}
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
@@ -127,4 +129,4 @@ def restore_params(workdir, step: int, parts, shardings: dict, option: str) -> d
         args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
   except Exception as e:
     raise ckpt_lib.diagnose(directory, step, item, None, option, e) from e
-  return out["params"]
+  return out[key]

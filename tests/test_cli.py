@@ -131,6 +131,7 @@ def results(data, saved_run, tmp_path_factory):
       "eval_sampler": train(*train_flags(data, tmp / "w7", "--config.eval.sampler=dpm")),
       "noise": train(*train_flags(data, tmp / "w8", "--config.model.noise.prediction_type=epsilon",
                                   "--config.model.noise.rescale_betas_zero_snr=True")),
+      "ema_decay": train(*train_flags(data, tmp / "w9", "--config.train.ema_decay=1.0")),
       "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
       "mismatch": train(*train_flags(data, saved_run, "--config.train.steps=8",
                                      "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
@@ -179,9 +180,10 @@ def test_train_config_mistakes_before_any_model(results):
   user_error(results["not_a_dataset"], "config.data.dir", "no built dataset", "data_pipelines.build")
   user_error(results["eval_sampler"], "--config.eval.sampler", "'dpm'", "euler_ancestral, euler, ddim")
   user_error(results["noise"], "--config.model.noise", "rescale_betas_zero_snr needs prediction_type='v_prediction'")
-  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler", "noise"):
+  user_error(results["ema_decay"], "--config.train.ema_decay", "1.0", "below 1")
+  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler", "noise", "ema_decay"):
     assert results[name]["seconds"] < 30, (name, results[name]["seconds"])     # no model, no compile
-  for name in ("w1", "w4", "w5", "w6", "w7", "w8"):
+  for name in ("w1", "w4", "w5", "w6", "w7", "w8", "w9"):
     assert not os.path.exists(os.path.join(results["_paths"]["tmp"], name))   # nothing half-written
 
 

@@ -34,6 +34,7 @@ def tiny_config(tok_dir):
   c = tiny.get_config()
   c.data.tokenizer = tok_dir
   c.pretrained.vae = ""
+  c.train.ema_decay = 0.0                        # export reads state.params (the EMA: test_train)
   c.model.noise.prediction_type = "epsilon"      # diffusers' InstructPix2Pix default
   c.model.noise.rescale_betas_zero_snr = False
   return c

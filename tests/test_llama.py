@@ -102,3 +102,15 @@ def test_bad_config_values():
     cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                       num_attention_heads=2, remat="sometimes")
     LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 2), jnp.int32))
+
+
+def test_random_init_follows_initializer_range():
+  """HF's `initializer_range` (read from config.json) is the std of every weight at random init."""
+  hf = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, initializer_range=0.1)
+  for want in (0.1, 0.02):
+    model = LlamaForCausalLM(LlamaConfig.from_hf({**hf, "initializer_range": want}), rngs=nnx.Rngs(0))
+    for w in (model.model.embed_tokens.embedding, model.model.layers.self_attn.q_proj.kernel,
+              model.model.layers.mlp.down_proj.kernel, model.lm_head.kernel):
+      std = float(np.std(np.asarray(w[...])))
+      assert abs(std - want) < 0.1 * want, (want, std)

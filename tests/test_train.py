@@ -152,6 +152,41 @@ def test_restore_onto_a_different_mesh(data, tmp_path):
   assert kernel.sharding.mesh.shape == eight.mesh.shape and kernel.sharding.spec[2] == "fsdp"
 
 
+def test_ema_averages_the_trained_weights_and_is_what_inference_and_export_read(data, tmp_path,
+                                                                                 single_device_step):
+  """train.ema_decay > 0: the state keeps e <- d e + (1 - d) p after each update, with
+  d = min(decay, (1 + t) / (10 + t)); a checkpoint's reader (edit, evaluate) and export get the
+  EMA, not the last weights. Off by default (no EMA in the state)."""
+  from mgie_jax import trained
+  from mgie_jax.convert.export import TrainedSource
+  assert single_device_step[2].ema is None
+  c = config(data, ema_decay=0.5)
+  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, frozen = run.new_state()
+  trajectory = [flat(state.params)]
+  step = jit_train_step(run, c.data.resolution)
+  for b in host_batch(c, run, n=3):
+    state, _ = step(state, frozen, device_batch(run, b))
+    trajectory.append(flat(state.params))
+  want = dict(trajectory[0])
+  for t, p in enumerate(trajectory[1:]):
+    d = min(0.5, (1 + t) / (10 + t))                            # 0.1, 0.18, 0.25: the warm-up
+    want = {k: d * want[k] + (1 - d) * p[k] for k in want}
+  got = flat(state.ema)
+  moved = 0
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    moved += not np.allclose(got[k], trajectory[-1][k], rtol=1e-4, atol=1e-6)
+  assert moved > len(want) // 2                                  # and it is not the last weights
+  ckpt = Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+  ckpt.save(3, state, None, json.loads(c.to_json_best_effort()), force=True)
+  ckpt.close()
+  loaded = flat(trained.load(str(tmp_path), 3, devices=jax.devices()[:1]).params)
+  assert all(np.array_equal(loaded[k], got[k]) for k in got)
+  unet = TrainedSource(str(tmp_path), 3)._restore("unet")
+  assert np.array_equal(unet["conv_in"]["kernel"], np.asarray(state.ema["unet"]["conv_in"]["kernel"]))
+
+
 def test_failing_restore_says_why(data, tmp_path):
   c = config(data)
   run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
@@ -174,7 +209,7 @@ def train_cmd(workdir, data, *extra):
           f"--config.data.dir={data[0]}", f"--config.data.tokenizer={data[1]}", "--config.log.every=1",
           "--config.log.sample_every=0", "--config.log.tensorboard=False", "--config.data.num_threads=2",
           "--config.checkpoint.every=5", "--config.train.steps=14", "--config.pretrained.vae=",
-          "--config.eval.at_end=False", *extra]
+          "--config.eval.at_end=False", "--config.train.ema_decay=0.999", *extra]
 
 
 def losses(workdir):
@@ -408,8 +443,14 @@ def test_inference_loader_reads_parameters_only_and_writes_nothing(killed_and_re
   c = run.config
   setup = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
   full = Checkpointer(straight, every=1, keep=5).restore(setup.abstract_state(), None, step)
-  a, b = flat(full.params), flat(run.params)
+  # These runs keep an EMA of the weights (train_cmd): that is what inference reads.
+  a, b = flat(full.ema), flat(run.params)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert not all(np.array_equal(a[k], v) for k, v in flat(full.params).items())
+  # The run killed and resumed carries its EMA through the restart exactly.
+  resumed = Checkpointer(killed_and_resumed[1], every=1, keep=5).restore(setup.abstract_state(), None, step)
+  r = flat(resumed.ema)
+  assert all(np.allclose(a[k], r[k], rtol=1e-5, atol=1e-7) for k in a)
   # The sampler runs on the noise schedule the run was trained with.
   assert inference.default_sampler(run.model).schedule == NoiseSchedule(**c.model.noise)
   after = sorted(str(p) for p in __import__("pathlib").Path(straight).rglob("*"))

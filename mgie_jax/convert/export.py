@@ -47,6 +47,8 @@ class TrainedSource:
     self.parts = build_lib.split_model(self.built.abstract, c.trainable)
     self.trainable = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(self.parts.trainable_template)}
     self._cache: dict = {}
+    # A run that kept an EMA of its weights exports the EMA (what it sampled and validated with).
+    self.key = "ema" if float(c.train.get("ema_decay", 0.0)) > 0 else "params"
     self._seeded = None
     self._shapes = nnx.to_pure_dict(nnx.state(self.built.abstract))
 
@@ -57,14 +59,14 @@ class TrainedSource:
   def _restore(self, top: str) -> dict:
     """The trained parameters of one top-level module, as numpy (fp32), cached until `release`."""
     if top not in self._cache:
-      meta = ckpt_lib.state_metadata(ckpt_lib.checkpoint_dir(self.workdir), self.step)["params"][top]
-      item = {"params": {top: jax.tree.map(lambda m: np.zeros((), np.float32), meta,
+      meta = ckpt_lib.state_metadata(ckpt_lib.checkpoint_dir(self.workdir), self.step)[self.key][top]
+      item = {self.key: {top: jax.tree.map(lambda m: np.zeros((), np.float32), meta,
                                            is_leaf=lambda x: hasattr(x, "shape"))}}
       args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
       path = ckpt_lib.checkpoint_dir(self.workdir) / str(self.step) / "state"
       out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(item, restore_args=args,
                                                                                partial_restore=True))
-      self._cache[top] = out["params"][top]
+      self._cache[top] = out[self.key][top]
     return self._cache[top]
 
   def release(self):
@@ -158,7 +160,7 @@ def _llama_hf_config(text, tok: LlamaTokenizer) -> dict:
           "head_dim": text.head_dim, "rms_norm_eps": text.rms_norm_eps, "rope_theta": text.rope_theta,
           "max_position_embeddings": text.max_position_embeddings, "hidden_act": text.hidden_act,
           "tie_word_embeddings": text.tie_word_embeddings, "attention_bias": text.attention_bias,
-          "mlp_bias": text.mlp_bias, "initializer_range": 0.02, "use_cache": True,
+          "mlp_bias": text.mlp_bias, "initializer_range": text.initializer_range, "use_cache": True,
           "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": None}
 
 

@@ -37,6 +37,7 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
   pad_token_id: int | None = None
+  initializer_range: float = 0.02   # std of every weight at random init (HF's field)
   # Runtime choices, not part of the checkpoint.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -93,7 +94,8 @@ class LlamaAttention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d, h = cfg.hidden_size, cfg.head_dim
     n, k = cfg.num_attention_heads, cfg.num_key_value_heads
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.attention_bias)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.attention_bias,
+              std=cfg.initializer_range)
     self.q_proj = layers.linear(d, n * h, ("embed", "heads"), **kw)
     self.k_proj = layers.linear(d, k * h, ("embed", "kv_heads"), **kw)
     self.v_proj = layers.linear(d, k * h, ("embed", "kv_heads"), **kw)
@@ -122,7 +124,8 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.mlp_bias)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, use_bias=cfg.mlp_bias,
+              std=cfg.initializer_range)
     self.gate_proj = layers.linear(d, f, ("embed", "mlp"), **kw)
     self.up_proj = layers.linear(d, f, ("embed", "mlp"), **kw)
     self.down_proj = layers.linear(f, d, ("mlp", "embed"), **kw)
@@ -151,7 +154,8 @@ class LlamaModel(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"),
-                                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+                                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                                     std=cfg.initializer_range)
     self.layers = layers.stacked(lambda r: LlamaDecoderLayer(cfg, r), cfg.num_hidden_layers, rngs)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
@@ -192,7 +196,8 @@ class LlamaForCausalLM(nnx.Module):
     self.model = LlamaModel(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                                   std=cfg.initializer_range)
 
   @classmethod
   def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "LlamaForCausalLM":

@@ -44,7 +44,7 @@ class Setup:
       params = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), nnx.to_pure_dict(self.parts.trainable_template))
     params = cast_tree(params, jnp.float32)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                       rng=jax.random.key_data(jax.random.key(c.seed)))
+                       rng=jax.random.key_data(jax.random.key(c.seed)), ema=params if uses_ema(c) else None)
     return state, None
 
   def abstract_state(self):
@@ -69,7 +69,8 @@ class Setup:
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
       rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), self.state_sh.rng)
       step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
-    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+      ema = jax.jit(lambda p: p, out_shardings=self.state_sh.ema)(params) if uses_ema(self.config) else None
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema=ema)
 
   def frozen(self):
     """Frozen towers are not checkpointed: rebuilt from their source (seeded init or pretrained)."""
@@ -77,6 +78,15 @@ class Setup:
 
   def model(self, params, frozen) -> MGIE:
     return self.parts.merge(params, frozen)
+
+
+def uses_ema(c) -> bool:
+  return float(c.train.get("ema_decay", 0.0)) > 0
+
+
+def eval_params(state) -> dict:
+  """The parameters to sample, validate and export with: the EMA when training keeps one."""
+  return state.params if state.ema is None else state.ema
 
 
 def make_setup(c, tokenizer_dir: str, devices=None, workdir=None) -> Setup:
@@ -90,5 +100,5 @@ def setup_for(c, tok, built: build_lib.Built, devices=None) -> Setup:
   rules = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in c.rules)
   parts = split_model(built.abstract, c.trainable)
   tx, schedules = make_optimizer(c.train, nnx.to_pure_dict(parts.trainable_template))
-  state_sh, frozen_sh = state_shardings(parts, tx, mesh, rules)
+  state_sh, frozen_sh = state_shardings(parts, tx, mesh, rules, ema=uses_ema(c))
   return Setup(c, tok, built.config, parts, tx, schedules, mesh, rules, state_sh, frozen_sh, built)

@@ -26,22 +26,35 @@ class TrainState:
   params: dict            # trainable parameters, pure dict
   opt_state: optax.OptState
   rng: jax.Array
+  ema: dict | None = None  # exponential moving average of `params` (train.ema_decay > 0), else None
 
 
 def shardings_of(template: nnx.State, mesh, rules) -> dict:
   return nnx.to_pure_dict(parallel.state_shardings(template, mesh, rules))
 
 
-def state_shardings(parts: ModelParts, tx, mesh, rules):
-  """NamedShardings for (TrainState, frozen): optimizer moments follow their parameters."""
+def state_shardings(parts: ModelParts, tx, mesh, rules, ema: bool = False):
+  """NamedShardings for (TrainState, frozen): optimizer moments and the EMA follow their parameters."""
   param_sh = shardings_of(parts.trainable_template, mesh, rules)
   replicated = NamedSharding(mesh, P())
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
                                  nnx.to_pure_dict(parts.trainable_template))
   opt_abstract = jax.eval_shape(tx.init, abstract_params)
   opt_sh = follow_params(opt_abstract, abstract_params, param_sh, replicated)
-  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
+                        ema=param_sh if ema else None)
   return state_sh, shardings_of(parts.frozen_template, mesh, rules)
+
+
+def ema_decay_at(step, decay: float):
+  """The EMA's decay after `step` updates: warmed up as (1 + step) / (10 + step), capped at
+  `decay` (diffusers' EMAModel), so a short run's average is not dominated by its random init."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: dict, params: dict, step, decay: float) -> dict:
+  return optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, decay))
 
 
 def _key(k):

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgie_jax import parallel
 from mgie_jax.models.mgie import sample_draws
+from mgie_jax.training.state import update_ema
 
 
 def _micro(tree, accum: int, j):
@@ -29,6 +30,7 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
   """`step(state, frozen, batch) -> (state, metrics)` for a Setup. Randomness: the state's key
   folded with the step (`fixed_draws` reuses one draw every step, for overfitting tests)."""
   mcfg, mesh, rules, tx = run.mcfg, run.mesh, run.rules, run.tx
+  ema_decay = float(run.config.train.get("ema_decay", 0.0))
   accum = int(run.config.train.grad_accum)
   factor = 2 ** (len(mcfg.vae.block_out_channels) - 1)
   latent_shape = (resolution // factor,) * 2 + (mcfg.vae.latent_channels,)
@@ -63,7 +65,8 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**out, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema = state.ema if state.ema is None else update_ema(state.ema, params, state.step, ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return train_step
 

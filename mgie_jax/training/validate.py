@@ -85,6 +85,9 @@ def check_training_config(c, devices: int, processes: int) -> None:
   if int(c.train.steps) < 1:
     raise errors.BAD_OPTION(flag="--config.train.steps", detail=f"{c.train.steps}", fix="use 1 or more")
   check_batch(c, devices, processes)
+  if not 0.0 <= float(c.train.get("ema_decay", 0.0)) < 1.0:
+    raise errors.BAD_OPTION(flag="--config.train.ema_decay", detail=f"{c.train.ema_decay}",
+                            fix="use 0 (no EMA) or a decay below 1, e.g. 0.999")
   from mgie_jax.diffusion.samplers import KINDS
   sampler = c.get("eval", {}).get("sampler", "euler_ancestral")
   if sampler not in KINDS:
