@@ -44,7 +44,8 @@ class Setup:
       params = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), nnx.to_pure_dict(self.parts.trainable_template))
     params = cast_tree(params, jnp.float32)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                       rng=jax.random.key_data(jax.random.key(c.seed)), ema=params if uses_ema(c) else None)
+                       rng=jax.random.key_data(jax.random.key(c.seed)),
+                       ema=jax.tree.map(jnp.copy, params) if uses_ema(c) else None)
     return state, None
 
   def abstract_state(self):
@@ -69,7 +70,9 @@ class Setup:
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
       rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), self.state_sh.rng)
       step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
-      ema = jax.jit(lambda p: p, out_shardings=self.state_sh.ema)(params) if uses_ema(self.config) else None
+      # A copy, not the same buffers: the train step donates both.
+      ema = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_sh.ema)(params)
+             if uses_ema(self.config) else None)
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema=ema)
 
   def frozen(self):
