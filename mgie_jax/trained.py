@@ -21,6 +21,7 @@ from mgie_jax import errors, parallel
 from mgie_jax.models.mgie import MGIE
 from mgie_jax.text import LlamaTokenizer
 from mgie_jax.training import checkpoint as ckpt_lib
+from mgie_jax.training.state import inference_key
 
 
 @dataclasses.dataclass
@@ -76,9 +77,7 @@ def load(workdir, step: int, *, devices=None, mesh: dict | None = None,
   tok = LlamaTokenizer.from_pretrained(build_lib.tokenizer_dir(c, str(workdir)))
   built = build_lib.build(c, tok, workdir)
   mesh_, parts, param_sh, frozen_sh = _placement(c, built, devices)
-  # A run that kept an EMA of its weights is used through the EMA (as it sampled and validated).
-  params = restore_params(workdir, step, parts, param_sh, option,
-                          key="ema" if float(c.train.get("ema_decay", 0.0)) > 0 else "params")
+  params = restore_params(workdir, step, parts, param_sh, option, key=inference_key(c))
   frozen = build_lib.frozen_params(c, built, parts, frozen_sh, mesh_)
   model = parts.merge(params, frozen)
   return Trained(model, tok, c, step, epath.Path(workdir), mesh_, params, built)

@@ -30,6 +30,7 @@ from mgie_jax.convert.mapping import Rule, prefixed
 from mgie_jax.convert.save import DIFFUSERS_VERSION, save_diffusers, save_sharded, unet_config, vae_config
 from mgie_jax.text import IMG_TOKENS, MGIE_TOKENS, LlamaTokenizer
 from mgie_jax.training import checkpoint as ckpt_lib
+from mgie_jax.training.state import inference_key
 
 FORMATS = ("mgie", "llava-v1", "llava-hf", "diffusers")
 
@@ -47,8 +48,7 @@ class TrainedSource:
     self.parts = build_lib.split_model(self.built.abstract, c.trainable)
     self.trainable = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(self.parts.trainable_template)}
     self._cache: dict = {}
-    # A run that kept an EMA of its weights exports the EMA (what it sampled and validated with).
-    self.key = "ema" if float(c.train.get("ema_decay", 0.0)) > 0 else "params"
+    self.key = inference_key(c)
     self._seeded = None
     self._shapes = nnx.to_pure_dict(nnx.state(self.built.abstract))
 

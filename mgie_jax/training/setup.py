@@ -16,7 +16,7 @@ from mgie_jax.text import LlamaTokenizer
 from mgie_jax.training.checkpoint import abstract_with_shardings
 from mgie_jax.training.optim import make_optimizer
 from mgie_jax.training.state import (ModelParts, TrainState, cast_tree, split_model, state_shardings,
-                                     trainable_filter)
+                                     trainable_filter, uses_ema)
 
 
 @dataclasses.dataclass
@@ -81,10 +81,6 @@ class Setup:
 
   def model(self, params, frozen) -> MGIE:
     return self.parts.merge(params, frozen)
-
-
-def uses_ema(c) -> bool:
-  return float(c.train.get("ema_decay", 0.0)) > 0
 
 
 def eval_params(state) -> dict:

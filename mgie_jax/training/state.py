@@ -53,6 +53,15 @@ def ema_decay_at(step, decay: float):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def uses_ema(c) -> bool:
+  return float(c.train.get("ema_decay", 0.0)) > 0
+
+
+def inference_key(c) -> str:
+  """Which saved weights a run's readers use: the EMA when it kept one (it sampled and validated with it)."""
+  return "ema" if uses_ema(c) else "params"
+
+
 def update_ema(ema: dict, params: dict, step, decay: float) -> dict:
   return optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, decay))
 
