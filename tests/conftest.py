@@ -24,6 +24,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = xla_flags(8)
+# Simulated CPU devices share one thread pool (8 threads for 8 devices on a 2-core box), and a CPU
+# collective holds its thread while it waits for the other devices. There an 8-device step deadlocked
+# (seven devices waiting in one collective, the eighth in an all-gather inside a scanned layer
+# stack, no thread left for the rest) and XLA aborted the whole run after 40 s. Four threads per
+# device leave room for collectives nested in loops; subprocesses inherit it.
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ["JAX_PLATFORMS"] = "cpu"      # fp32 CPU references and simulated meshes, on any machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
