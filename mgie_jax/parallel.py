@@ -54,6 +54,16 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     jax.distributed.initialize()
 
 
+def cpu_threads_advice(platform: str, local_devices: int, cores: int, env) -> str | None:
+  """A warning for simulated CPU meshes short of threads, or None. The devices share one thread
+  pool and a collective holds its thread while it waits: with about one thread per device a
+  sharded step can deadlock, and XLA aborts the process after 40 s (PJRT_NPROC sizes the pool)."""
+  if platform != "cpu" or local_devices < 2 or "PJRT_NPROC" in env or cores >= 4 * local_devices:
+    return None
+  return (f"{local_devices} CPU devices on {cores} cores: if a step stops in a collective, set "
+          f"PJRT_NPROC={4 * local_devices} (threads for the devices' shared pool)")
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 and takes what is left."""
   devices = list(devices if devices is not None else jax.devices())

@@ -118,6 +118,10 @@ def run_training(c, workdir, lead, restore_step):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(c.get("compile_cache_min_seconds", 1.0)))
   log.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  from mgie_jax.parallel import cpu_threads_advice
+  advice = cpu_threads_advice(jax.devices()[0].platform, jax.local_device_count(), os.cpu_count() or 1, os.environ)
+  if advice:
+    log.warning(advice)
 
   # --- data (and the synthetic recipe's VAE) ----------------------------------------------------
   if not c.data.dir and not paths.is_local(workdir):

@@ -1,3 +1,5 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,17 @@ def test_make_mesh_fills_and_validates():
     parallel.make_mesh(data=3, fsdp=2, tensor=1)
   with pytest.raises(ValueError, match="do not divide"):
     parallel.make_mesh(data=3, fsdp=-1)
+
+
+def test_cpu_meshes_short_of_threads_are_warned_about():
+  advice = parallel.cpu_threads_advice("cpu", 8, 2, {})
+  assert "8 CPU devices on 2 cores" in advice and "PJRT_NPROC=32" in advice
+  assert parallel.cpu_threads_advice("cpu", 8, 2, {"PJRT_NPROC": "32"}) is None
+  assert parallel.cpu_threads_advice("cpu", 8, 64, {}) is None
+  assert parallel.cpu_threads_advice("cpu", 1, 2, {}) is None
+  assert parallel.cpu_threads_advice("tpu", 8, 2, {}) is None
+  # This suite's own 8 devices (tests/conftest.py) have the threads.
+  assert parallel.cpu_threads_advice("cpu", jax.local_device_count(), os.cpu_count() or 1, os.environ) is None
 
 
 def test_sharded_unet_forward_and_backward_equal_unsharded():
