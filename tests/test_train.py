@@ -187,6 +187,30 @@ def test_failing_restore_says_why(data, tmp_path):
     Checkpointer(str(tmp_path), every=1, keep=2).restore(other.abstract_state(), None)
 
 
+def test_turning_the_ema_on_or_off_resumes(data, tmp_path):
+  """A run resumed with train.ema_decay changed keeps its weights: an EMA starts from them, or
+  the saved one is dropped (not 'does not fit' or 'cannot be read')."""
+  runs, saved_params = {}, {}
+  for decay in (0.0, 0.5):
+    c = config(data, ema_decay=decay)
+    runs[decay] = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+    state, _ = runs[decay].new_state()
+    state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+    saved_params[decay] = flat(state.params)
+    ckpt = Checkpointer(str(tmp_path / str(decay)), every=1, keep=2, async_save=False)
+    ckpt.save(3, state, None, {}, force=True)
+    ckpt.close()
+  for saved, now in ((0.0, 0.5), (0.5, 0.0)):
+    restored = Checkpointer(str(tmp_path / str(saved)), every=1, keep=2).restore(runs[now].abstract_state(), None)
+    params = flat(restored.params)
+    assert params.keys() == saved_params[saved].keys()
+    assert all(np.array_equal(params[k], saved_params[saved][k]) for k in params)
+    assert (restored.ema is None) == (now == 0.0)
+    if now:        # the EMA starts at the restored weights (the saved EMA would be the init)
+      ema = flat(restored.ema)
+      assert ema.keys() == params.keys() and all(np.array_equal(ema[k], params[k]) for k in ema)
+
+
 # --- the command line: kill -9 and resume, several processes --------------------------------------
 
 def train_cmd(workdir, data, *extra):

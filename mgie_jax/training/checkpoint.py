@@ -4,7 +4,9 @@ Saves are asynchronous and atomic (Orbax writes to a temporary folder and rename
 at any moment leaves the last finished checkpoint intact. Restores go straight into the current
 mesh's shardings, whatever mesh saved them. A failing restore raises a one-line UserError that
 says why (which parameter and config value differ, or which earlier steps are intact); it never
-starts fresh. Paths may be local or any `etils.epath` location (gs://...).
+starts fresh. Changing train.ema_decay between runs is not a mismatch: the EMA of the weights
+starts from the restored ones, or the saved one is dropped. Paths may be local or any
+`etils.epath` location (gs://...).
 """
 
 from __future__ import annotations
@@ -82,17 +84,18 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    mismatch = check_fits(self.directory, step, abstract_state, config)
+    target = _as_saved_ema(self.directory, step, abstract_state)
+    mismatch = check_fits(self.directory, step, target, config)
     if mismatch is not None:    # before Orbax reads any array: a failed read is slow and noisy
       raise mismatch
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    args = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:
-      raise diagnose(self.directory, step, abstract_state, config, option, e) from e
-    return restored["state"]
+      raise diagnose(self.directory, step, target, config, option, e) from e
+    return _with_wanted_ema(restored["state"], abstract_state, step)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -100,6 +103,39 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _saved_ema(directory, step: int) -> bool | None:
+  """Whether checkpoint `step` holds an EMA of the weights (None: its metadata cannot be read)."""
+  try:
+    return bool(state_metadata(directory, step).get("ema"))
+  except Exception:
+    return None
+
+
+def _as_saved_ema(directory, step: int, abstract):
+  """The restore target: `abstract` with or without the EMA as the checkpoint has it, so that
+  turning train.ema_decay on or off between runs resumes instead of failing."""
+  if not hasattr(abstract, "ema"):
+    return abstract
+  saved = _saved_ema(directory, step)
+  if saved and abstract.ema is None:
+    return abstract.replace(ema=abstract.params)     # read it, then drop it
+  if saved is False and abstract.ema is not None:
+    return abstract.replace(ema=None)
+  return abstract
+
+
+def _with_wanted_ema(state, abstract, step: int):
+  if not hasattr(abstract, "ema") or (state.ema is None) == (abstract.ema is None):
+    return state
+  if abstract.ema is None:
+    log.info("checkpoint step %d keeps an EMA of the weights; train.ema_decay is 0, so it is dropped", step)
+    return state.replace(ema=None)
+  log.info("checkpoint step %d has no EMA of the weights: it starts from the restored ones", step)
+  import jax.numpy as jnp
+  shardings = jax.tree.map(lambda a: a.sharding, abstract.ema)
+  return state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(state.params))
 
 
 def check_fits(directory, step: int, abstract, config: dict | None) -> errors.UserError | None:
