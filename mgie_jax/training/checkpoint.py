@@ -16,6 +16,7 @@ import logging
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -133,7 +134,6 @@ def _with_wanted_ema(state, abstract, step: int):
     log.info("checkpoint step %d keeps an EMA of the weights; train.ema_decay is 0, so it is dropped", step)
     return state.replace(ema=None)
   log.info("checkpoint step %d has no EMA of the weights: it starts from the restored ones", step)
-  import jax.numpy as jnp
   shardings = jax.tree.map(lambda a: a.sharding, abstract.ema)
   return state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(state.params))
 
