@@ -16,11 +16,11 @@ import logging
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 from mgie_jax import errors
+from mgie_jax.training.state import start_ema
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ def _with_wanted_ema(state, abstract, step: int):
     log.info("checkpoint step %d keeps an EMA of the weights; train.ema_decay is 0, so it is dropped", step)
     return state.replace(ema=None)
   log.info("checkpoint step %d has no EMA of the weights: it starts from the restored ones", step)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract.ema)
-  return state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(state.params))
+  return state.replace(ema=start_ema(state.params, jax.tree.map(lambda a: a.sharding, abstract.ema)))
 
 
 def check_fits(directory, step: int, abstract, config: dict | None) -> errors.UserError | None:

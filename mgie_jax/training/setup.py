@@ -16,7 +16,7 @@ from mgie_jax.text import LlamaTokenizer
 from mgie_jax.training.checkpoint import abstract_with_shardings
 from mgie_jax.training.optim import make_optimizer
 from mgie_jax.training.state import (ModelParts, TrainState, cast_tree, split_model, state_shardings,
-                                     trainable_filter, uses_ema)
+                                     start_ema, trainable_filter, uses_ema)
 
 
 @dataclasses.dataclass
@@ -70,9 +70,7 @@ class Setup:
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
       rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), self.state_sh.rng)
       step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
-      # A copy, not the same buffers: the train step donates both.
-      ema = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_sh.ema)(params)
-             if uses_ema(self.config) else None)
+      ema = start_ema(params, self.state_sh.ema) if uses_ema(self.config) else None
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema=ema)
 
   def frozen(self):

@@ -62,6 +62,12 @@ def inference_key(c) -> str:
   return "ema" if uses_ema(c) else "params"
 
 
+def start_ema(params: dict, shardings: dict) -> dict:
+  """The EMA's first value: a copy of `params` on `shardings` (a copy, since the train step
+  donates both trees)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
 def update_ema(ema: dict, params: dict, step, decay: float) -> dict:
   return optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, decay))
 
