@@ -213,8 +213,11 @@ def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_
   c.model.remat = "none"
   c.model.edit_head = {k: v for k, v in dataclasses.asdict(HEAD).items() if k not in ("dtype", "param_dtype")}
   c.pretrained.llava, c.pretrained.vision_tower, c.pretrained.sd = str(tmp_path / "llava"), clip_dir[0], str(tmp_path / "sd")
+  c.train.min_snr_gamma = 5.0
   tok = LlamaTokenizer.from_pretrained(sp_dir)
   model = load_pretrained(c, tok)
+  # The recipe's loss options reach the model as on the random-init path.
+  assert (model.config.min_snr_gamma, model.config.ins_loss_weight, model.config.edit_loss_weight) == (5.0, 1.0, 0.5)
   emb = np.asarray(model.mllm.language_model.model.embed_tokens.embedding[...])
   assert emb.shape == (len(tok), 64) == (411, 64)
   np.testing.assert_array_equal(emb[:400], sd["model.embed_tokens.weight"].numpy())

@@ -138,7 +138,8 @@ def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
   loaders.update(_from_plan(vae, "vae."))
   cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   edit_loss_weight=c.train.edit_loss_weight, noise=noise_schedule(c))
+                   edit_loss_weight=c.train.edit_loss_weight,
+                   noise=noise_schedule(c), min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
   abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
   params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   if params != set(loaders):
