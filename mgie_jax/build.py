@@ -39,6 +39,14 @@ def noise_schedule(c) -> NoiseSchedule:
   return NoiseSchedule()
 
 
+def loss_options(c, noise: NoiseSchedule | None = None) -> dict:
+  """The training-loss fields every editor config takes from config.train (one place, so that
+  random init, pretrained init and AOT compiles train the same loss)."""
+  return dict(edit_loss_weight=c.train.edit_loss_weight,
+              noise=noise if noise is not None else noise_schedule(c),
+              min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+
+
 def pretrained(c, name: str) -> str:
   p = c.get("pretrained", None)
   return (p.get(name, "") or "") if p is not None else ""
@@ -56,8 +64,7 @@ def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEC
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
       vae=vae or VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
-      ins_loss_weight=c.train.ins_loss_weight, edit_loss_weight=c.train.edit_loss_weight,
-      noise=noise_schedule(c), min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+      ins_loss_weight=c.train.ins_loss_weight, **loss_options(c))
 
 
 def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PConfig:
@@ -67,9 +74,7 @@ def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PCon
                         attention_impl=m.attention_impl)
   return IP2PConfig(text=text, unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
                     vae=vae or VAEConfig(**dict(m.vae), **rt), bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    text_length=int(c.data.text_length),
-                    edit_loss_weight=c.train.edit_loss_weight, noise=noise_schedule(c),
-                    min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+                    text_length=int(c.data.text_length), **loss_options(c))
 
 
 def model_kind(c) -> str:
@@ -161,7 +166,7 @@ def standard_shapes(c) -> Built:
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **rt, remat=m.remat != "none", attention_impl=m.attention_impl),
       vae=VAEConfig(**rt), img_token_id=32003, ins_loss_weight=c.train.ins_loss_weight,
-      edit_loss_weight=c.train.edit_loss_weight, noise=NoiseSchedule())
+      **loss_options(c, noise=NoiseSchedule()))
   return Built(cfg, nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0))))
 
 

@@ -95,7 +95,7 @@ def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
 
 def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
   """Every parameter of the full MGIE with the loader that reads it (nothing is read here)."""
-  from mgie_jax.build import noise_schedule, runtime
+  from mgie_jax.build import loss_options, runtime
   from mgie_jax.convert.checkpoint import CheckpointError, open_weights
   from mgie_jax.convert.diffusion import unet_plan, unet_plan_from_state_dict, vae_plan
   from mgie_jax.convert.mapping import plan_module
@@ -138,8 +138,7 @@ def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
   loaders.update(_from_plan(vae, "vae."))
   cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   edit_loss_weight=c.train.edit_loss_weight,
-                   noise=noise_schedule(c), min_snr_gamma=float(c.train.get("min_snr_gamma", 0.0)))
+                   **loss_options(c))
   abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
   params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   if params != set(loaders):
