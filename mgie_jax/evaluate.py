@@ -76,6 +76,9 @@ def plan(c):
         raise errors.BAD_OPTION(flag=f"--config.metric_models.{key}", detail=f"metric {m} needs it and it is empty",
                                 fix="give the local folder / file (nothing is downloaded), or drop the metric")
       (check_folder if key in ("clip", "dino") else _check_file)(path, f"config.metric_models.{key}")
+  if c.expressive not in ("written", "reference"):
+    raise errors.BAD_OPTION(flag="--config.expressive", detail=f"{c.expressive!r}",
+                            fix="use written (MGIE writes its own) or reference (the dataset's, teacher-forced)")
   if c.sample_steps < 1 or c.batch_size < 1:
     raise errors.BAD_OPTION(flag="--config.sample_steps / batch_size", detail="must be 1 or more", fix="use 1 or more")
   settings = [Setting(t, i, int(s), c.sampler, int(c.sample_steps), int(c.resolution))
@@ -125,7 +128,7 @@ def load_editor(spec, c):
     name = os.path.basename(os.path.normpath(str(what)))
     res = c.resolution or (512 if run.pretrained else run.config.data.resolution)
     return ed.MGIEEditor(name, run.model, run.tok, step=step, resolution=res, max_new_tokens=c.max_new_tokens,
-                         mesh=run.mesh)
+                         mesh=run.mesh, text=c.expressive)
   # a pretrained MGIE (e.g. the release) from the full recipe's config and these folders
   from configs import ipr2pr
   from mgie_jax import trained as trained_lib
@@ -138,7 +141,7 @@ def load_editor(spec, c):
   tok = LlamaTokenizer.from_pretrained(c.pretrained.llava)
   model, mesh = trained_lib.from_config(tc, tok, devices=jax.local_devices())
   return ed.MGIEEditor(what, model, tok, resolution=c.resolution or 512, max_new_tokens=c.max_new_tokens,
-                       mesh=mesh)
+                       mesh=mesh, text=c.expressive)
 
 
 def main(argv):
@@ -159,6 +162,7 @@ def main(argv):
   workdir = epath.Path(FLAGS.workdir)
   lead = jax.process_index() == 0
   examples = select(load_examples(c.dataset.dir, c.dataset.split, c.dataset.limit), c)
+  check_references(examples, c.expressive)
   mm = c.metric_models
   palette = None
   if set(metric_names) & set(metrics_lib.PALETTE):
@@ -188,6 +192,15 @@ def main(argv):
     multihost_utils.sync_global_devices("evaluation rows written")
   if lead:
     write_reports(workdir, c, metric_names, metrics)
+
+
+def check_references(examples, expressive: str) -> None:
+  """expressive="reference" needs every example's reference expressive instruction."""
+  missing = sum(1 for e in examples if not e.expressive)
+  if expressive == "reference" and missing:
+    raise errors.BAD_OPTION(flag="--config.expressive=reference",
+                            detail=f"{missing} of {len(examples)} examples have no reference expressive instruction",
+                            fix="build the dataset with its expressive annotations (expressive.json), or use written")
 
 
 def select(examples, c):

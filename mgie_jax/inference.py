@@ -92,6 +92,19 @@ def _token_hits(model, ids, mask, labels, clip_images):
   return jnp.sum((jnp.argmax(logits, -1) == target) & valid, axis=1), jnp.sum(valid, axis=1)
 
 
+def reference_conditions(model, tok, clip_images, instructions, references):
+  """(texts, U, null) with each example's reference expressive instruction in place of the one the
+  MLLM would write: the prompt, the reference and [IMG0..7], teacher-forced exactly as training
+  sees them. Isolates the edit head and the UNet from the MLLM's writing (evaluate's
+  `expressive="reference"`)."""
+  from mgie_jax.text import training_example
+  n_img = model.config.llava.num_image_tokens
+  rows = [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6).input_ids
+          for i, r in zip(instructions, references)]
+  ids, mask = pad_batch(rows, max(map(len, rows)), pad_id=0, side="left")   # as after generation
+  return list(references), *conditions_for(model, ids, mask, clip_images)
+
+
 def instruction_ids(tok, instructions, length: int):
   """The terse instructions as a text-only editor reads them: bos ... eos, padded to `length`."""
   rows = [tok.encode(i)[:length - 1] + [tok.eos_id] for i in instructions]
@@ -103,10 +116,13 @@ def _text_conditions(model, ids, mask):
   return model.conditions(ids, mask)
 
 
-def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96):
-  """(texts, cond, null) for any editor model: MGIE writes expressive instructions; the
-  text-only baseline encodes the terse ones (returned as its texts)."""
+def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96, references=None):
+  """(texts, cond, null) for any editor model: MGIE writes expressive instructions (or, given
+  `references`, is conditioned on those); the text-only baseline encodes the terse ones
+  (returned as its texts)."""
   if hasattr(model, "mllm"):
+    if references is not None:
+      return reference_conditions(model, tok, clip_images, instructions, references)
     return expressive_instructions(model, tok, clip_images, instructions, max_new_tokens=max_new_tokens)
   ids, mask = instruction_ids(tok, instructions, model.config.text_length)
   cond, null = _text_conditions(model, jnp.asarray(ids), jnp.asarray(mask))

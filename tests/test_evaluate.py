@@ -99,12 +99,57 @@ def test_the_mllm_part_runs_once_per_example_across_the_grid(data, editor, tmp_p
   calls = []
 
   class Counting(ed.MGIEEditor):
-    def conditions(self, images, instructions):
+    def conditions(self, images, instructions, references=None):
       calls.append(len(images))
-      return super().conditions(images, instructions)
+      return super().conditions(images, instructions, references)
   counting = Counting("tiny", editor.model, editor.tok, step=7, resolution=32, max_new_tokens=4)
   run(examples, [counting], tmp_path, batch_size=2)
   assert calls == [2, 2]            # 2 batches, whatever the 4 settings
+
+
+def test_reference_text_conditions_as_training_sees_it(data, editor):
+  """expressive="reference": the condition is the one the training loss computes for the
+  reference expressive instruction (right-padded batch, no positions), and it reads the text."""
+  from mgie_jax import inference
+  from mgie_jax.text import pad_batch, training_example
+  model, tok = editor.model, editor.tok
+  exs = load_examples(data[0], "train")[:3]
+  _, clip = inference.prepare([decode_rgb(e.input_image) for e in exs], 32, inference.clip_size(model))
+  instructions, refs = [e.instruction for e in exs], [e.expressive for e in exs]
+  assert all(refs) and len(set(refs)) == 3
+  texts, cond, null = inference.reference_conditions(model, tok, clip, instructions, refs)
+  assert texts == refs
+  rows = [training_example(tok, i, r, num_image_tokens=model.config.llava.num_image_tokens, max_length=10 ** 6)
+          for i, r in zip(instructions, refs)]
+  ids, mask = pad_batch([r.input_ids for r in rows], max(len(r.input_ids) for r in rows), pad_id=0)
+  out = model.mllm(ids, clip, attention_mask=mask)
+  want, want_null = model.conditions(out.hidden_states, ids)
+  np.testing.assert_allclose(np.asarray(cond), np.asarray(want), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(null), np.asarray(want_null), atol=2e-5)
+  _, swapped, _ = inference.reference_conditions(model, tok, clip, instructions, refs[1:] + refs[:1])
+  assert np.abs(np.asarray(swapped) - np.asarray(cond)).max() > 1e-3
+
+
+def test_reference_rows_carry_the_dataset_text(data, editor, tmp_path):
+  examples = load_examples(data[0], "train")[:2]
+  ref = ed.MGIEEditor("tiny", editor.model, editor.tok, step=7, resolution=32, max_new_tokens=4, text="reference")
+  rows = run(examples, [ref], tmp_path, batch_size=2)
+  by_key = {e.key: e.expressive for e in examples}
+  assert len(rows) == 2 * len(SETTINGS)
+  for r in rows.values():
+    assert r["editor"] == "tiny+reference@7" and r["expressive"] == by_key[r["key"]] and r["exp_exact"] == 1.0
+  with pytest.raises(ValueError, match="reference expressive instruction"):
+    ref.conditions([decode_rgb(examples[0].input_image)], [examples[0].instruction], [""])
+
+
+def test_reference_text_needs_every_reference():
+  from mgie_jax import errors
+  from mgie_jax.evaluate import check_references
+  from mgie_jax.evaluation.sweep import Example
+  exs = [Example("a", "a", 0, b"", b"", "make it blue", "", "x"), Example("b", "b", 0, b"", b"", "make it red", "", "")]
+  check_references(exs, "written")
+  with pytest.raises(errors.UserError, match="1 of 2 examples have no reference"):
+    check_references(exs, "reference")
 
 
 def test_copy_input_row_is_exact(data, tmp_path):
@@ -175,3 +220,6 @@ def test_the_command_writes_table_csv_and_plots(data, tmp_path):
   bad = subprocess.run(cmd[:-1] + ["--config.metrics=l1,clip_i"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and "metric_models.clip" in bad.stderr and "Traceback" not in bad.stderr
+  bad = subprocess.run(cmd[:-1] + ["--config.expressive=oracle"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode == 2 and "--config.expressive" in bad.stderr and "Traceback" not in bad.stderr

@@ -28,6 +28,9 @@ def get_config(arg=None):
   c.sample_steps = 100
   c.resolution = 0                           # 0: 512 for pretrained models, the training size otherwise
   c.max_new_tokens = 96
+  # MGIE's expressive instruction: "written" by the MLLM (the editor as users run it), or the
+  # dataset's "reference", teacher-forced: what the edit head and UNet do given the right text.
+  c.expressive = "written"
   # --- metrics (models from local folders / files, never downloaded) ---
   c.metrics = "l1,l2"
   c.metric_models = dict(clip="",            # a transformers CLIPModel folder (ViT-B/32 for MagicBrush)

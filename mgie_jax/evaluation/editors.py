@@ -36,7 +36,9 @@ class Editor:
   latent_channels: int = 4
   latent_factor: int = 8
 
-  def conditions(self, images, instructions) -> Conditions:
+  def conditions(self, images, instructions, references=None) -> Conditions:
+    """`references`: the examples' reference expressive instructions (used by an MGIE editor
+    built with text="reference"; the others ignore them)."""
     raise NotImplementedError
 
   def sample(self, images, conds: Conditions, latents, noise, *, text_scale, image_scale, sampler) -> np.ndarray:
@@ -74,20 +76,29 @@ class DiffusionEditor(Editor):
 class MGIEEditor(DiffusionEditor):
   """A model trained here: MGIE (expressive instruction + edit head) or the text-only baseline."""
 
-  def __init__(self, name, model, tok, *, step=None, resolution=512, max_new_tokens=96, mesh=None):
+  def __init__(self, name, model, tok, *, step=None, resolution=512, max_new_tokens=96, mesh=None,
+               text="written"):
+    """text="written": MGIE writes its expressive instructions (the real editor); "reference":
+    conditioned on each example's reference expressive instruction instead (a diagnostic that
+    separates the MLLM's writing from the edit head and UNet; rows are named <name>+reference)."""
     super().__init__(model.unet, model.vae, model.config.noise, mesh)
-    self.name, self.model, self.tok, self.step = name, model, tok, step
+    self.reference = text == "reference" and hasattr(model, "mllm")
+    self.name = f"{name}+reference" if self.reference else name
+    self.model, self.tok, self.step = model, tok, step
     self.resolution = self.default_resolution = resolution
     self.max_new_tokens = max_new_tokens
 
-  def conditions(self, images, instructions):
+  def conditions(self, images, instructions, references=None):
     from mgie_jax import inference
+    if self.reference and (references is None or not all(references)):
+      raise ValueError(f"{self.name}: every example needs a reference expressive instruction")
     size = inference.clip_size(self.model)
     clip = np.stack([clip_view(mgie_square(im.convert("RGB")), size) for im in images])
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
     with ctx:
       texts, cond, null = inference.conditions(self.model, self.tok, clip, instructions,
-                                               max_new_tokens=self.max_new_tokens)
+                                               max_new_tokens=self.max_new_tokens,
+                                               references=list(references) if self.reference else None)
     return Conditions(texts, cond, null)
 
   def text_scores(self, images, examples, texts):
@@ -129,7 +140,7 @@ class InstructPix2PixEditor(DiffusionEditor):
                          max_length=self.tokenizer.model_max_length)
     return self.text_encoder(jnp.asarray(enc["input_ids"]))[0]
 
-  def conditions(self, images, instructions):
+  def conditions(self, images, instructions, references=None):
     cond = self.encode(instructions)
     return Conditions(list(instructions), cond, self.encode([""] * len(instructions)))
 
@@ -138,7 +149,7 @@ class CopyInput(Editor):
   """The edited image is the input: it beats every model on some metrics; always reported."""
   name = "copy-input"
 
-  def conditions(self, images, instructions):
+  def conditions(self, images, instructions, references=None):
     return Conditions(["" for _ in instructions], None, None)
 
   def sample(self, images, conds, latents, noise, **kw):

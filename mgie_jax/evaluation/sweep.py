@@ -202,7 +202,8 @@ class Sweep:
       inputs = [decode_rgb(e.input_image) for e in batch]
       targets = [decode_rgb(e.target_image) for e in batch]
       padded = _pad(inputs, self.batch_size)
-      conds = editor.conditions(padded, _pad([e.instruction for e in batch], self.batch_size))
+      conds = editor.conditions(padded, _pad([e.instruction for e in batch], self.batch_size),
+                                _pad([e.expressive for e in batch], self.batch_size))
       texts = editor.text_scores(padded, _pad(batch, self.batch_size), conds.texts)[:len(batch)]
       for s in settings:
         need = [i for i, e in enumerate(batch) if not self.results.has(name, "single", s, e.key)]
@@ -233,7 +234,8 @@ class Sweep:
           active = [i for i, turns in enumerate(group) if t < len(turns)]
           exs = [group[i][t] for i in active]
           padded = _pad([current[i] for i in active], self.batch_size)
-          conds = editor.conditions(padded, _pad([e.instruction for e in exs], self.batch_size))
+          conds = editor.conditions(padded, _pad([e.instruction for e in exs], self.batch_size),
+                                    _pad([e.expressive for e in exs], self.batch_size))
           gens = self._edit(editor, s, padded, conds, _pad([e.key for e in exs], self.batch_size))
           for j, i in enumerate(active):
             current[i] = current[i] if gens is None else gens[j]
