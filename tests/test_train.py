@@ -390,14 +390,14 @@ def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run)
   line = next(l for l in log.splitlines() if "validation (test, 20 examples, step 1500): L1" in l)
   print(line)
   assert f"L1 {v['l1']:.4f} vs copy-input {v['copy_input_l1']:.4f}" in line
-  # What the run must have learned, with margins that hold across seeds and CPUs. Whether it
-  # beats copying the input on L1 depends on the seed and the CPU at this budget (docs/benchmarks.md,
-  # "The tiny training run": L1 0.09-0.18 against copy's 0.11-0.16 over 3 seeds); runs that learned nothing or
-  # produce noise score keep_acc <= 0.3 and L1 >= 2.6x copy's, trained ones keep_acc >= 0.6 and
-  # L1 <= 1.8x.
+  # The README's seed edits better than copying the input: test L1 0.0605 against copy's 0.0896
+  # on the AVX-512 box, 0.0628 with XLA limited to AVX2 (docs/benchmarks.md, "The README
+  # command's edits beat copying the input"); limited to AVX (no FMA: pre-2013 CPUs) one recolour
+  # is written as a background edit and L1 is 0.1021. Other seeds do not all beat copying at this
+  # budget; runs that learned nothing score keep_acc <= 0.3 and L1 >= 2.6x copy's.
   assert v["exp_token_acc"] > 0.85, v                # the expressive instructions are learned
-  assert v["keep_acc"] > 0.45, v                     # what the edit must not touch is kept
-  assert v["l1"] < 2.2 * v["copy_input_l1"], v
+  assert v["keep_acc"] > 0.6, v                      # what the edit must not touch is kept
+  assert v["l1"] < v["copy_input_l1"], v             # and the edits beat copying the input
   # One row per example: what the MLLM wrote and each score, the summary their mean.
   with open(os.path.join(workdir, "eval_examples", "step_0001500.jsonl")) as f:
     per = [json.loads(l) for l in f]
