@@ -391,8 +391,8 @@ def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run)
   print(line)
   assert f"L1 {v['l1']:.4f} vs copy-input {v['copy_input_l1']:.4f}" in line
   # The README's seed edits better than copying the input: test L1 0.0605 against copy's 0.0896
-  # on the AVX-512 box, 0.0692 inside this test, 0.0628 with XLA limited to AVX2 (docs/benchmarks.md, "The README
-  # command's edits beat copying the input"); limited to AVX (no FMA: pre-2013 CPUs) one recolour
+  # on the AVX-512 box, 0.0692 inside this test, 0.0628 with XLA limited to AVX2 (docs/benchmarks.md,
+  # "The README command's edits beat copying the input"); limited to AVX (no FMA) one recolour
   # is written as a background edit and L1 is 0.1021. Other seeds do not all beat copying at this
   # budget; runs that learned nothing score keep_acc <= 0.3 and L1 >= 2.6x copy's.
   assert v["exp_token_acc"] > 0.85, v                # the expressive instructions are learned
