@@ -69,9 +69,9 @@ def main():
                                          os.path.join(a.out, f"{name}_reference.log"))
       with open(os.path.join(out, "summary.csv")) as f:
         for row in csv.DictReader(f):
-          name = row["name"]
-          model = ("copy-input" if name == "copy-input" else "MGIE, reference text" if name.endswith("+reference")
-                   else "MGIE" if name.startswith("mgie") else "text-only IP2P")
+          editor = row["name"]
+          model = ("copy-input" if editor == "copy-input" else "MGIE, reference text" if editor.endswith("+reference")
+                   else "MGIE" if editor.startswith("mgie") else "text-only IP2P")
           results.setdefault((model, subset or "all"), []).append(
               {m: float(row[m]) for m in METRICS if row.get(m) not in (None, "")} | {"examples": int(row["examples"])})
   lines = ["| model | subset | examples | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]

@@ -74,9 +74,8 @@ def _conditions(model, ids, mask, clip_images):
 def teacher_forced_accuracy(model, tok, clip_images, instructions, references) -> np.ndarray:
   """Per example: the share of the reference answer's tokens (expressive instruction, [IMG0..7],
   </s>) that the MLLM predicts, teacher-forced, as L_ins scores them."""
-  from mgie_jax.text import IGNORE_INDEX, training_example
-  n_img = model.config.llava.num_image_tokens
-  exs = [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6) for i, r in zip(instructions, references)]
+  from mgie_jax.text import IGNORE_INDEX
+  exs = _reference_sequences(model, tok, instructions, references)
   length = max(len(e.input_ids) for e in exs)
   ids, mask = pad_batch([e.input_ids for e in exs], length, pad_id=0, side="right")
   labels, _ = pad_batch([e.labels for e in exs], length, pad_id=IGNORE_INDEX, side="right")
@@ -92,15 +91,20 @@ def _token_hits(model, ids, mask, labels, clip_images):
   return jnp.sum((jnp.argmax(logits, -1) == target) & valid, axis=1), jnp.sum(valid, axis=1)
 
 
+def _reference_sequences(model, tok, instructions, references):
+  """Training's sequences (prompt, reference expressive instruction, [IMG0..7], </s>), uncut."""
+  from mgie_jax.text import training_example
+  n_img = model.config.llava.num_image_tokens
+  return [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6)
+          for i, r in zip(instructions, references)]
+
+
 def reference_conditions(model, tok, clip_images, instructions, references):
   """(texts, U, null) with each example's reference expressive instruction in place of the one the
   MLLM would write: the prompt, the reference and [IMG0..7], teacher-forced exactly as training
   sees them. Isolates the edit head and the UNet from the MLLM's writing (evaluate's
   `expressive="reference"`)."""
-  from mgie_jax.text import training_example
-  n_img = model.config.llava.num_image_tokens
-  rows = [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6).input_ids
-          for i, r in zip(instructions, references)]
+  rows = [e.input_ids for e in _reference_sequences(model, tok, instructions, references)]
   ids, mask = pad_batch(rows, max(map(len, rows)), pad_id=0, side="left")   # as after generation
   return list(references), *conditions_for(model, ids, mask, clip_images)
 
