@@ -20,12 +20,26 @@ import argparse
 import json
 import os
 
+LAYOUT = """\
+The IPr2Pr folder release (--source folder), as --manual_dir:
+  clip-filtered-dataset/
+    seeds.json                  [["0000000", [1234, 5678]], ...]   (each folder and its seeds)
+    0000000/
+      prompt.json               {"input": "a photo of a cat", "edit": "make it a dog",
+                                 "output": "a photo of a dog"}  (only "edit" is needed)
+      1234_0.jpg  1234_1.jpg    the input and the edited image of seed 1234
+--expressive: MGIE's expressive instructions, keyed <folder>_<seed>_0
+  {"0000000_1234_0": {"instruction": "make it a dog",
+                       "expressive": "Replace the cat with a dog sitting in the same spot."}}
+(python -m data_pipelines.expressive writes it.)
+"""
+
 from data_pipelines.cli import Parser, run_command
 from mgie_jax import errors
 
 
 def parse(argv=None):
-  p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = Parser(description=__doc__, epilog=LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("dataset", choices=["ipr2pr", "synthetic", "magicbrush", "evr", "gier", "ma5k"])
   p.add_argument("--data_dir", required=True, help="where the TFDS dataset is written")
   p.add_argument("--source", choices=["folder", "parquet"], default=None,
@@ -37,10 +51,10 @@ def parse(argv=None):
                  help="examples without an expressive instruction: use the terse instruction as the "
                       "target, or skip them (counted either way); required without --expressive")
   p.add_argument("--overwrite", action="store_true", help="rebuild a dataset built from another source")
-  p.add_argument("--prompts", type=int, default=200)
-  p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--size", type=int, default=256)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--prompts", type=int, default=200, help="synthetic: number of edit prompts (default 200)")
+  p.add_argument("--seeds", type=int, default=2, help="synthetic: image pairs per prompt (default 2)")
+  p.add_argument("--size", type=int, default=256, help="synthetic: image side in pixels (default 256)")
+  p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
   p.add_argument("--verbose", action="store_true", help="tracebacks for user errors")
   return p.parse_args(argv)
 

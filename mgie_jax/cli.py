@@ -65,6 +65,9 @@ def _config_override_key(argv) -> errors.UserError | None:
   return None
 
 
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse(argv):
   verbose = "--verbose" in argv or "--verbose=true" in argv
   try:
@@ -73,6 +76,11 @@ def _parse(argv):
       if name.split(".")[0] == name and type(flags.FLAGS[name]).__name__ == "_ConfigFlag":
         flags.FLAGS[name].value.keys()
     return out
+  except SystemExit as e:
+    # absl prints the help and exits 1; asking for help is not a failure.
+    if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     err = _config_override_key(argv) or _flag_error(argv, e)
   except (AttributeError, KeyError) as e:
@@ -130,6 +138,12 @@ def run(main):
       if flags.FLAGS.verbose:
         raise
       fail(e)
+    except KeyboardInterrupt:
+      if flags.FLAGS.verbose:
+        raise
+      # Ctrl-C before a command has work to save (train saves at a step boundary once it runs).
+      print("interrupted", file=sys.stderr, flush=True)
+      sys.exit(130)
 
   app.run(wrapped, flags_parser=_parse)
 
@@ -141,6 +155,17 @@ def quiet_libraries(level=None):
   absl_logging.set_verbosity(absl_logging.ERROR if level is None else level)
   for name in ("absl", "jax", "orbax"):
     logging.getLogger(name).setLevel(logging.ERROR if level is None else level)
+
+
+def interactive(lead: bool = True) -> bool:
+  """Whether this process draws progress bars: the lead process, on a terminal. Redirected to a
+  file, a bar would write a carriage-return line per update; the log lines say the same there."""
+  return lead and sys.stderr.isatty()
+
+
+def progress(total: int, desc: str, lead: bool = True, initial: int = 0):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, disable=not interactive(lead), desc=desc, dynamic_ncols=True)
 
 
 def log_through(bar_enabled: bool):

@@ -112,6 +112,10 @@ CHECKPOINT_MISMATCH = _problem("checkpoint_mismatch", "checkpoint step {step} do
                                "was saved with")
 CHOOSE_CHECKPOINT = _problem("choose_checkpoint", "give exactly one of --workdir and --checkpoint",
                              "--workdir=W uses W's latest checkpoint, --checkpoint=W/checkpoints/N a given one")
+RUN_LOCKED = _problem("run_locked", "another train command is writing to {workdir} ({holder})",
+                      "wait for it to finish or stop it (Ctrl-C saves), or give another --workdir; a lock left "
+                      "by a killed process on this machine is cleared at once, one from another machine "
+                      "once its heartbeat is 5 minutes old")
 BAD_OPTION = _problem("bad_option", "{flag}: {detail}", "{fix}", "says which values are valid")
 
 

@@ -155,7 +155,6 @@ def main(argv):
   settings, specs, metric_names, modes = plan(c)
 
   from etils import epath
-  from tqdm import tqdm
   from mgie_jax.evaluation import metrics as metrics_lib
   from mgie_jax.evaluation import report
   from mgie_jax.evaluation.sweep import COPY, Results, Sweep, load_examples
@@ -178,8 +177,8 @@ def main(argv):
   total = sum(sw.units(sw._mine(examples), per_editor) for sw in sweeps)
   log.info("%d examples of %s/%s, %d editors, %d settings, modes %s: %d edits on this host",
            len(examples), c.dataset.name, c.dataset.split, len(specs), len(settings), ",".join(modes), total)
-  bar = tqdm(total=total, desc="evaluate", dynamic_ncols=True, disable=not lead)
-  with cli.log_through(lead):
+  bar = cli.progress(total, "evaluate", lead)
+  with cli.log_through(cli.interactive(lead)):
     for spec in specs:
       editor = load_editor(spec, c)
       for sw in sweeps:

@@ -156,17 +156,44 @@ def edit(model, tok, images, instructions, *, key, resolution: int = 512, steps:
   return np.asarray(jnp.round(out * 255)).astype(np.uint8), texts
 
 
+def wrap_text(draw, text: str, width: int) -> list[str]:
+  """`text` broken at spaces into lines no wider than `width` pixels (a longer word is split)."""
+  lines, line = [], ""
+  for word in text.split():
+    while len(word) > 1 and draw.textlength(word) > width:      # one word wider than the row
+      cut = len(word) - 1
+      while cut > 1 and draw.textlength(word[:cut]) > width:
+        cut -= 1
+      if line:
+        lines.append(line)
+        line = ""
+      lines.append(word[:cut])
+      word = word[cut:]
+    candidate = f"{line} {word}".strip()
+    if line and draw.textlength(candidate) > width:
+      lines.append(line)
+      candidate = word
+    line = candidate
+  return lines + ([line] if line else [])
+
+
 def sample_grid(inputs, outputs, texts, instructions, cell: int = 192) -> Image.Image:
-  """A PNG-able grid: one row per example (input | edit), captioned with both instructions."""
+  """A PNG-able grid: one row per example (input | edit), captioned with both instructions,
+  wrapped to the row's width."""
   from PIL import ImageDraw
-  rows = len(inputs)
-  text_h = 44
-  grid = Image.new("RGB", (2 * cell, rows * (cell + text_h)), (255, 255, 255))
+  line_h, pad, width = 12, 4, 2 * cell
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  captions = [[(line, (0, 0, 0)) for line in wrap_text(measure, f"instruction: {i}", width - 2 * pad)] +
+              [(line, (60, 60, 160)) for line in wrap_text(measure, f"expressive: {t}", width - 2 * pad)]
+              for t, i in zip(texts, instructions)]
+  heights = [cell + len(c) * line_h + 2 * pad for c in captions]
+  grid = Image.new("RGB", (width, sum(heights)), (255, 255, 255))
   draw = ImageDraw.Draw(grid)
-  for r, (a, b, t, i) in enumerate(zip(inputs, outputs, texts, instructions)):
-    y = r * (cell + text_h)
+  y = 0
+  for a, b, caption, h in zip(inputs, outputs, captions, heights):
     grid.paste(Image.fromarray(a).resize((cell, cell)), (0, y))
     grid.paste(Image.fromarray(b).resize((cell, cell)), (cell, y))
-    draw.text((4, y + cell + 2), f"instruction: {i}"[:60], fill=(0, 0, 0))
-    draw.text((4, y + cell + 22), f"expressive: {t}"[:60], fill=(60, 60, 160))
+    for k, (line, colour) in enumerate(caption):
+      draw.text((pad, y + cell + pad + k * line_h), line, fill=colour)
+    y += h
   return grid

@@ -43,14 +43,30 @@ log = logging.getLogger("mgie_jax.train")
 
 
 class Preempted:
-  """Set by SIGTERM on this host; `agreed(step)` makes every host stop at the same step."""
+  """Set by SIGTERM or Ctrl-C (SIGINT) on this host; `agreed(step)` makes every host stop at the
+  same step, which is saved. A second Ctrl-C aborts at once: Orbax writes a step under a temporary
+  name and renames it when complete, so the last finished checkpoint stays intact."""
 
-  def __init__(self):
+  def __init__(self, on_abort=None):
     self.flag = False
+    self.interrupted = False       # Ctrl-C: exit 130 after saving, as interrupted commands do
+    self.on_abort = on_abort
     signal.signal(signal.SIGTERM, self._set)
+    signal.signal(signal.SIGINT, self._interrupt)
 
   def _set(self, *_):
     self.flag = True
+
+  def _interrupt(self, *_):
+    if self.interrupted:
+      print("second interrupt: aborting without saving; the last finished checkpoint is kept",
+            file=sys.stderr, flush=True)
+      if self.on_abort:
+        self.on_abort()
+      os._exit(130)
+    self.flag = self.interrupted = True
+    print("interrupt: saving at the next step boundary, then exiting (Ctrl-C again aborts without saving)",
+          file=sys.stderr, flush=True)
 
   def agreed(self, step: int, ckpt) -> bool:
     import jax
@@ -87,10 +103,41 @@ def main(argv):
   if steps and restore_step is None and steps[-1] >= total:
     log.info("the run in %s already finished (step %d of %d): nothing to do", workdir, steps[-1], total)
     return
-  run_training(c, workdir, lead, restore_step)
+  lock = _lock_run(workdir, lead)
+  try:
+    code = run_training(c, workdir, lead, restore_step, lock)
+  finally:
+    if lock:
+      lock.release()
+  if code:
+    sys.exit(code)
 
 
-def run_training(c, workdir, lead, restore_step):
+def _lock_run(workdir, lead):
+  """Process 0 takes the run's writer lock for all hosts of this run; every host learns the
+  outcome, so a refused run stops everywhere with the same line."""
+  import jax
+  from mgie_jax.training.writer_lock import WriterLock
+  lock, refused = None, None
+  if lead:
+    try:
+      lock = WriterLock(workdir).acquire()
+    except errors.UserError as e:
+      refused = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if np.asarray(multihost_utils.process_allgather(np.int32(refused is not None))).any() and refused is None:
+      if lock:
+        lock.release()
+      raise errors.RUN_LOCKED(workdir=workdir, holder="see process 0's message")
+  if refused is not None:
+    raise refused
+  return lock
+
+
+def run_training(c, workdir, lead, restore_step, lock=None):
+  """Train until c.train.steps or a stop; returns the exit code (0 finished or preempted, 130
+  interrupted by Ctrl-C, 1 a NaN loss)."""
   import jax
   from flax import nnx
 
@@ -193,13 +240,13 @@ def run_training(c, workdir, lead, restore_step):
   if lead and c.log.tensorboard:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
-  preempted = Preempted()
+  preempted = Preempted(on_abort=lock.release if lock else None)
   metrics_file = paths.Appender(paths.path(workdir) / "metrics.jsonl") if lead else None
   total = int(c.train.steps)
-  bar = _progress(lead, start, total)
+  bar = cli.progress(total, "train", lead, initial=start)
   step, last_log, n_since, warned_no_img = start, time.time(), 0, False
   status = "finished"
-  with cli.log_through(lead):
+  with cli.log_through(cli.interactive(lead)):
     while step < total:
       host = next(data_iter)
       host.pop("key", None)
@@ -243,9 +290,10 @@ def run_training(c, workdir, lead, restore_step):
         _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer)
         last_log = time.time()
       if preempted.agreed(step, ckpt):
-        log.warning("preempted at step %d: saving and exiting", step)
+        log.warning("%s at step %d: saving and exiting", "interrupted" if preempted.interrupted else "preempted",
+                    step)
         ckpt.save(step, state, data_iter, config_json, force=True)
-        status = "preempted"
+        status = "interrupted" if preempted.interrupted else "preempted"
         break
       if ckpt.should_save(step):
         ckpt.save(step, state, data_iter, config_json)
@@ -259,7 +307,8 @@ def run_training(c, workdir, lead, restore_step):
     writer.close()
   log.info("%s at step %d; checkpoints in %s", status, step, ckpt.directory)
   if status == "nan":
-    sys.exit(1)
+    return 1
+  return 130 if status == "interrupted" else 0
 
 
 def _set_aside_newer(ckpt, step: int, lead: bool):
@@ -331,11 +380,6 @@ def _memory_report(compiled) -> str:
   gb = lambda b: f"{b / 2**30:.3f} GiB"
   return (f"arguments {gb(m.argument_size_in_bytes)}, outputs {gb(m.output_size_in_bytes)}, "
           f"temporaries {gb(m.temp_size_in_bytes)}, code {gb(m.generated_code_size_in_bytes)}")
-
-
-def _progress(lead, start, total):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, disable=not lead, desc="train", dynamic_ncols=True)
 
 
 def _once(lead, what, make, path):

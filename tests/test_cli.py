@@ -147,6 +147,9 @@ def results(data, saved_run, tmp_path_factory):
                                    f"--data_dir={os.path.dirname(os.path.dirname(os.path.dirname(data[0])))}",
                                    "--missing_expressive=instruction"),
       "build_no_data_dir": buildc("ipr2pr", f"--manual_dir={data[2]}"),
+      **{f"help_{m}": {"module": f"mgie_jax.{m}", "argv": ["--help"], "forbid": NO_MODELS}
+         for m in ("train", "edit", "compile", "evaluate", "export")},
+      "help_build": {"module": "data_pipelines.build", "argv": ["ipr2pr", "--help"], "forbid": NO_MODELS},
   }
   out = dict(zip(cases, run_cases(list(cases.values()))))
   out["_paths"] = {"empty_workdir": str(empty_workdir), "restored": restored, "tmp": str(tmp)}
@@ -175,7 +178,7 @@ def test_train_config_mistakes_before_any_model(results):
   user_error(results["config_key"], "--config.train.batchsize", "no key 'train.batchsize'", "train.batch_size")
   user_error(results["config_value"], "--config.train.batch_size", "abc")
   user_error(results["config_file"], "configs/nope.py", "no such file")
-  user_error(results["batch_mesh"], "train.batch_size 6", "data x fsdp = 8", "multiple of 8")
+  user_error(results["batch_mesh"], "train.batch_size 6", "data x fsdp = 8", "multiple of 8, e.g. 8")
   user_error(results["grad_accum"], "grad_accum=3")
   user_error(results["not_a_dataset"], "config.data.dir", "no built dataset", "data_pipelines.build")
   user_error(results["eval_sampler"], "--config.eval.sampler", "'dpm'", "euler_ancestral, euler, ddim")
@@ -216,8 +219,21 @@ def test_log_lines_are_not_printed_over_the_progress_bar(results):
   err = results["restore_step"]["stderr"]
   segments = [s for s in re.split(r"[\r\n]", err) if "mgie_jax.train: step" in s]
   assert len(segments) == 3
+  assert "\r" not in err and not re.search(r"train:\s+\d+%", err)    # stderr is a file: no bar
   for s in segments:       # each log line starts its own line, not glued to the bar's text
     assert re.match(r"\s*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", s), s
+
+
+def test_help_exits_0_for_every_command(results):
+  for name in [k for k in results if k.startswith("help_")]:
+    r = results[name]
+    assert r["rc"] == 0 and "Traceback" not in r["stderr"], (name, r["stderr"][-2000:])
+    assert "--" in r["stdout"] + r["stderr"], (name, r)            # it printed the flags
+  build_help = results["help_build"]["stdout"]
+  for flag in ("--prompts", "--seeds", "--size", "--seed"):
+    line = next(l for l in build_help.splitlines() if l.strip().startswith(flag))
+    assert len(line.split()) > 2, line                          # each flag has help text
+  assert "seeds.json" in build_help and "prompt.json" in build_help
 
 
 def test_build_mistakes(results, data):

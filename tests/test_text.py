@@ -81,3 +81,16 @@ def test_window_missing_and_padding(tok):
   assert img_window_start(ids, 403).tolist() == [3, -1]
   with pytest.raises(ValueError, match="sequence 0 has 4 tokens"):
     pad_batch([[1, 2, 3, 4]], 3, pad_id=0)
+
+
+def test_sample_grid_captions_wrap_to_the_row_and_keep_every_word():
+  from PIL import Image, ImageDraw
+  from mgie_jax.inference import sample_grid, wrap_text
+  draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text = "expressive: the background becomes white so that the square stands out, " + "x" * 90
+  lines = wrap_text(draw, text, 120)
+  assert len(lines) > 2 and all(draw.textlength(l) <= 120 for l in lines)
+  assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+  tile = np.zeros((8, 8, 3), np.uint8)
+  short, long = sample_grid([tile], [tile], ["ok"], ["a"]), sample_grid([tile], [tile], [text], ["a"])
+  assert long.size[0] == short.size[0] and long.size[1] > short.size[1]     # taller rows, not cut text

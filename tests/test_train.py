@@ -251,6 +251,8 @@ def killed_and_resumed(data, tmp_path_factory):
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  # The killed writer's claim is left behind: the re-run below must find it stale, not blocked.
+  assert os.listdir(os.path.join(killed, "writer.lock"))
   killed_at = max(losses(killed))
   ckpts = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
   subprocess.run(train_cmd(killed, data), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
@@ -270,7 +272,8 @@ def test_sigkill_then_same_command_resumes_exactly(killed_and_resumed):
 @pytest.fixture(scope="module")
 def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
   """The 14-step run again, through a file:// workdir, cut to length buckets, samples every 4
-  steps, preempted (SIGTERM) after step 6 and resumed by the same command."""
+  steps, interrupted by Ctrl-C (SIGINT) after step 6 and resumed by the same command. While it
+  runs, a second train command on the same workdir is refused."""
   root = tmp_path_factory.mktemp("bucketed")
   workdir = str(root / "run")
   # Examples here are 85-96 tokens (max_length 96): the longest of a batch of 8 is often 93-94.
@@ -283,21 +286,35 @@ def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
   while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(losses(workdir), default=0) >= 6):
     assert time.time() < deadline and proc.poll() is None, "training ended before the signal"
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGSTOP)        # hold it mid-run while the second writer tries
+  second = subprocess.run(train_cmd(workdir, data), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+  proc.send_signal(signal.SIGCONT)
+  proc.send_signal(signal.SIGINT)
   proc.wait(timeout=600)
   err.seek(0)
-  logs = [err.read()]
-  assert proc.returncode == 0, logs[0][-3000:]
+  logs = [err.read(), second]
+  assert proc.returncode == 130, logs[0][-3000:]
   out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return workdir, logs + [out.stderr]
+  return workdir, [logs[0], out.stderr], second
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(bucketed_file_url_run):
+  second = bucketed_file_url_run[2]
+  assert second.returncode == 2, second.stderr[-2000:]
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: another train command is writing to"), lines
+  assert re.search(r"\(host \S+, pid \d+, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", lines[0]), lines[0]
+  assert "resuming" not in second.stderr
 
 
 def test_length_buckets_and_a_file_url_workdir_give_the_same_losses(bucketed_file_url_run, killed_and_resumed):
-  workdir, logs = bucketed_file_url_run
+  workdir, logs, _ = bucketed_file_url_run
   compiled = {int(n) for log in logs for n in re.findall(r"compiled the train step for (\d+) tokens", log)}
   assert 96 in compiled and compiled & {90, 92, 94}, compiled      # some batches ran shorter
-  stopped = int(re.search(r"preempted at step (\d+): saving", logs[0]).group(1))
+  stopped = int(re.search(r"interrupted at step (\d+): saving", logs[0]).group(1))
+  assert "Traceback" not in logs[0] and "interrupt: saving at the next step boundary" in logs[0]
   assert 6 <= stopped < 14 and "resuming from" in logs[1] and f"step {stopped}" in logs[1]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())[-1] == 14
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [f"step_{s:07d}.png" for s in (4, 8, 12)]

@@ -95,8 +95,7 @@ class ClipVisionModel(nnx.Module):
   def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     d, dt, pdt = cfg.hidden_size, cfg.dtype, cfg.param_dtype
-    self.class_embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (d,), pdt), out_sharding=("embed",))
+    self.class_embedding = layers.param(jax.random.normal(rngs.params(), (d,), pdt), ("embed",))
     self.patch_embedding = layers.conv(
         cfg.num_channels, d, cfg.patch_size, ("conv_in", "embed"), stride=cfg.patch_size,
         padding="VALID", use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)

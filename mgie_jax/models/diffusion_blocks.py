@@ -19,8 +19,8 @@ def group_norm(channels: int, groups: int, eps: float, rngs, dtype=None, param_d
   return nnx.GroupNorm(
       channels, num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
       use_fast_variance=False, rngs=rngs,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+      scale_init=layers.named(nnx.initializers.ones_init(), ("norm",)),
+      bias_init=layers.named(nnx.initializers.zeros_init(), ("norm",)))
 
 
 def conv2d(cin: int, cout: int, kernel: int, rngs, *, stride: int = 1, padding=None, dtype=None,

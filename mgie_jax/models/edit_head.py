@@ -86,8 +86,8 @@ class EditHead(nnx.Module):
     self.config = cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.llm2hid = layers.linear(cfg.llm_dim, cfg.width, ("embed", "mlp"), rngs=rngs, std=None, **kw)
-    self.query = nnx.Param(cfg.query_std * jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.width),
-                                                            cfg.param_dtype), out_sharding=(None, None, "norm"))
+    self.query = layers.param(cfg.query_std * jax.random.normal(rngs.params(), (1, cfg.num_queries, cfg.width),
+                                                               cfg.param_dtype), (None, None, "norm"))
     self.encoder_layers = nnx.List([TransformerLayer(cfg, rngs, False) for _ in range(cfg.encoder_layers)])
     self.encoder_norm = layers.layer_norm(cfg.width, "norm", eps=cfg.eps, rngs=rngs, **kw)
     self.decoder_layers = nnx.List([TransformerLayer(cfg, rngs, True) for _ in range(cfg.decoder_layers)])

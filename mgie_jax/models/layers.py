@@ -16,8 +16,19 @@ from flax import nnx
 Axes = tuple
 
 
-def _named(init, axes: Axes):
-  return nnx.with_partitioning(init, axes)
+# Parameters carry logical axis names only; mgie_jax.parallel places them on a mesh with explicit
+# jit shardings. Eager sharding (flax's global default) would demand a mesh at construction time,
+# so each parameter turns it off itself rather than through flax's process-wide config.
+EAGER = dict(eager_sharding=False)
+
+
+def named(init, axes: Axes):
+  return nnx.with_partitioning(init, axes, **EAGER)
+
+
+def param(value, axes: Axes) -> nnx.Param:
+  """A parameter with logical axes `axes` (one per dimension of `value`)."""
+  return nnx.Param(value, out_sharding=tuple(axes), **EAGER)
 
 
 def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
@@ -29,22 +40,22 @@ def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype,
       param_dtype=param_dtype, rngs=rngs,
-      kernel_init=_named(init, axes),
-      bias_init=_named(nnx.initializers.zeros_init(), (axes[-1],)))
+      kernel_init=named(init, axes),
+      bias_init=named(nnx.initializers.zeros_init(), (axes[-1],)))
 
 
 def layer_norm(features: int, axis: str, *, eps: float, rngs: nnx.Rngs,
                dtype=None, param_dtype=jnp.float32) -> nnx.LayerNorm:
   return nnx.LayerNorm(
       features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-      scale_init=_named(nnx.initializers.ones_init(), (axis,)),
-      bias_init=_named(nnx.initializers.zeros_init(), (axis,)))
+      scale_init=named(nnx.initializers.ones_init(), (axis,)),
+      bias_init=named(nnx.initializers.zeros_init(), (axis,)))
 
 
 def embed(num: int, features: int, axes: Axes, *, rngs: nnx.Rngs, dtype=None,
           param_dtype=jnp.float32, std: float = 0.02) -> nnx.Embed:
   return nnx.Embed(num, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                   embedding_init=_named(nnx.initializers.normal(std), axes))
+                   embedding_init=named(nnx.initializers.normal(std), axes))
 
 
 def conv(in_features: int, out_features: int, kernel: int, axes: Axes, *,
@@ -55,8 +66,8 @@ def conv(in_features: int, out_features: int, kernel: int, axes: Axes, *,
       in_features, out_features, (kernel, kernel), strides=(stride, stride),
       padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       rngs=rngs,
-      kernel_init=_named(nnx.initializers.lecun_normal(), (None, None) + tuple(axes)),
-      bias_init=_named(nnx.initializers.zeros_init(), (axes[-1],)))
+      kernel_init=named(nnx.initializers.lecun_normal(), (None, None) + tuple(axes)),
+      bias_init=named(nnx.initializers.zeros_init(), (axes[-1],)))
 
 
 class RMSNorm(nnx.Module):
@@ -65,7 +76,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, features: int, *, eps: float, axis: str = "embed",
                param_dtype=jnp.float32):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=(axis,))
+    self.weight = param(jnp.ones((features,), param_dtype), (axis,))
 
   def __call__(self, x):
     dtype = x.dtype

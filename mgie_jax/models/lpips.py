@@ -72,7 +72,7 @@ class LPIPS(nnx.Module):
         f"conv{op[1]}": layers.conv(op[2], op[3], op[4], ("conv_in", "conv_out"), stride=op[5],
                                 padding=((op[6], op[6]), (op[6], op[6])), **kw)
         for op in NETS[cfg.net] if op[0] == "conv"})
-    self.lins = nnx.List([nnx.Param(jnp.ones((c,), cfg.param_dtype), out_sharding=("norm",))
+    self.lins = nnx.List([layers.param(jnp.ones((c,), cfg.param_dtype), ("norm",))
                           for c in cfg.channels])
 
   def taps(self, x):

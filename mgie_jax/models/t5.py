@@ -109,9 +109,9 @@ class RelativeBias(nnx.Module):
   """The learned [buckets, heads] table of the first layer; returns additive bias [1, heads, q, k]."""
 
   def __init__(self, cfg: T5Config, bidirectional: bool, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(
+    self.embedding = layers.param(
         nnx.initializers.normal(1.0)(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads),
-                                     cfg.param_dtype), out_sharding=(None, "heads"))
+                                     cfg.param_dtype), (None, "heads"))
     self.bidirectional = bidirectional
     self.cfg = cfg
 

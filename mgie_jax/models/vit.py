@@ -75,9 +75,8 @@ class ViTModel(nnx.Module):
     d = cfg.hidden_size
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     n = (cfg.image_size // cfg.patch_size) ** 2
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, d), cfg.param_dtype), out_sharding=(None, None, "embed"))
-    self.position_embeddings = nnx.Param(jnp.zeros((1, n + 1, d), cfg.param_dtype),
-                                         out_sharding=(None, None, "embed"))
+    self.cls_token = layers.param(jnp.zeros((1, 1, d), cfg.param_dtype), (None, None, "embed"))
+    self.position_embeddings = layers.param(jnp.zeros((1, n + 1, d), cfg.param_dtype), (None, None, "embed"))
     self.patch_embedding = layers.conv(cfg.num_channels, d, cfg.patch_size, ("conv_in", "embed"),
                                        stride=cfg.patch_size, padding="VALID", **kw)
     self.layers = layers.stacked(lambda r: ViTLayer(cfg, r), cfg.num_hidden_layers, rngs)

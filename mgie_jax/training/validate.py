@@ -40,7 +40,7 @@ def check_batch(c, devices: int, processes: int) -> None:
   if accum < 1:
     raise errors.BAD_OPTION(flag="--config.train.grad_accum", detail=f"{accum}", fix="use 1 or more")
   if b < 1 or b % ways:
-    suggestion = max(ways, (b // ways) * ways or ways)
+    suggestion = max(ways, -(-b // ways) * ways)     # the next multiple up: what a user usually wants
     raise errors.BATCH_MESH(name="train.batch_size", batch=b, ways=ways, suggestion=suggestion)
   if b % processes:
     raise errors.BATCH_HOSTS(name="train.batch_size", batch=b, hosts=processes)
