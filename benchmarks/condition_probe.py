@@ -25,7 +25,8 @@ from mgie_jax import inference, trained
 from mgie_jax.evaluation import sweep
 from mgie_jax.images import clip_view, decode_rgb, mgie_square
 from mgie_jax.text import training_example
-from mgie_jax.text.template import gather_img_window, img_window_start, pad_batch
+from mgie_jax.models.mgie import gather_img_window
+from mgie_jax.text.template import img_window_start, pad_batch
 
 BACKGROUND = re.compile(r"make the background (\w+)$")
 

@@ -58,9 +58,11 @@ def skip_absent_tpu(environ=os.environ) -> str | None:
     return None
   if tpu_chips():
     return None
-  import jax
-  if jax.config.jax_platforms:
-    return None
+  import sys
   value = platforms_without_tpu()
-  jax.config.update("jax_platforms", value)
+  jax = sys.modules.get("jax")
+  if jax is None:          # JAX reads JAX_PLATFORMS when imported; importing it here would cost
+    environ["JAX_PLATFORMS"] = value     # JAX-free users of this package (mgie_jax.pytorch_edit)
+  elif not jax.config.jax_platforms:
+    jax.config.update("jax_platforms", value)
   return value

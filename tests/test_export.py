@@ -140,7 +140,7 @@ def test_an_edit_through_the_exported_pytorch_model_equals_ours(exported, monkey
   from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a
   from mgie_jax import inference
   from mgie_jax.diffusion import edit_images, make_sampler
-  from mgie_jax.text import IMG_TOKENS, gather_img_window, img_window_start, prompt_text
+  from mgie_jax.text import IMG_TOKENS, img_window_start, prompt_text
   root, out, c, run, model = exported
   from PIL import Image
   photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 40, 3), np.uint8))
@@ -243,3 +243,48 @@ def test_export_command(exported, tmp_path):
   assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
   bad = subprocess.run(cmd + ["--format=onnx"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "unknown format(s) onnx" in bad.stderr
+
+
+PYTORCH_EDIT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from mgie_jax.pytorch_edit import MGIEPipeline
+out, work = sys.argv[1], sys.argv[2]
+pipe = MGIEPipeline.from_export(out)
+noise = np.load(work + "/noise.npy")
+image, text = pipe.edit(Image.open(work + "/photo.png"), "make the square blue", resolution=32, steps=4,
+                        text_scale=4.0, image_scale=1.5, max_new_tokens=12, latents=np.load(work + "/latents.npy"),
+                        noise=[n for n in noise], output_type="np")
+np.save(work + "/edited.npy", image)
+json.dump({"text": text, "jax_imported": "jax" in sys.modules}, open(work + "/text.json", "w"))
+"""
+
+
+def test_the_pytorch_side_edit_equals_ours(exported, tmp_path):
+  """mgie_jax.pytorch_edit (torch, transformers, diffusers; no JAX in its process) on the exports
+  gives our edit's expressive text and image, from the noise our edit drew for its key."""
+  from PIL import Image
+  from mgie_jax import inference
+  from mgie_jax.diffusion import draw_noise, edit_images, make_sampler
+  root, out, c, run, model = exported
+  photo = Image.fromarray(np.random.default_rng(5).integers(0, 255, (30, 44, 3), np.uint8))
+  photo.save(tmp_path / "photo.png")
+  pixels, clip = inference.prepare([photo], 32, run.mcfg.llava.vision.image_size)
+  texts, cond, null = inference.expressive_instructions(model, run.tok, clip, ["make the square blue"],
+                                                        max_new_tokens=12)
+  sampler = make_sampler(inference.default_sampler(model), 4)
+  latents, noise = draw_noise(jax.random.key(0), sampler, (1, 16, 16, 4))
+  want = np.asarray(edit_images(model.unet, model.vae, sampler, jnp.asarray(pixels), cond, null, key=jax.random.key(0),
+                                text_scale=4.0, image_scale=1.5))[0]
+  np.save(tmp_path / "latents.npy", np.asarray(latents).transpose(0, 3, 1, 2))
+  np.save(tmp_path / "noise.npy", np.asarray(noise).transpose(0, 1, 4, 2, 3))
+  e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", PYTORCH_EDIT, str(out), str(tmp_path)], env=e, cwd=str(tmp_path),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.load(open(tmp_path / "text.json"))
+  assert not result["jax_imported"]
+  assert result["text"] == texts[0]
+  got = np.load(tmp_path / "edited.npy")
+  assert got.shape == want.shape and max_err(got, want) <= 1e-4, max_err(got, want)

@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from mgie_jax.text import (IGNORE_INDEX, IMG_TOKENS, SYSTEM, LlamaTokenizer, gather_img_window,
-                           img_window_start, pad_batch, prompt_text, target_text, training_example)
+from mgie_jax.models.mgie import gather_img_window
+from mgie_jax.text import (IGNORE_INDEX, IMG_TOKENS, SYSTEM, LlamaTokenizer, img_window_start, pad_batch, prompt_text, target_text, training_example)
 
 EXPRESSIVE = "change the red circle at the top left to blue."
 

@@ -143,12 +143,14 @@ def write_mgie(source: TrainedSource, out: str, dtype="float16") -> list[str]:
   mllm["emb"] = np.ascontiguousarray(embed[cfg.img_token_id:cfg.img_token_id + len(IMG_TOKENS)][None])
   os.makedirs(out, exist_ok=True)
   torch.save(to_torch(mllm), os.path.join(out, "mllm.pt"))
+  with open(os.path.join(out, "edit_head.json"), "w") as f:    # what the shapes do not tell (heads, eps)
+    json.dump(dataclasses.asdict(cfg.edit_head), f, indent=1)
   del mllm, embed
   source.release()
   unet_rules = derived_rules(source.built.abstract.unet)
   torch.save(to_torch(dict(tensors(source, unet_rules, dtype, "unet."))), os.path.join(out, "unet.pt"))
   source.release()
-  return ["mllm.pt", "unet.pt"]
+  return ["mllm.pt", "unet.pt", "edit_head.json"]
 
 
 # --- LLaVA folders --------------------------------------------------------------------------------

@@ -52,6 +52,14 @@ def _edit(unet_def, unet_state, vae_def, vae_state, sampler, images, cond, null_
   return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+def draw_noise(key, sampler: Sampler, shape):
+  """(initial latents [B, h, w, c], per-step noise [steps, B, h, w, c] or None) as `edit_images`
+  draws them from `key`: hand them to another implementation to reproduce an edit."""
+  k_lat, k_noise = jax.random.split(key)
+  noise = jax.random.normal(k_noise, (sampler.num_steps,) + tuple(shape)) if sampler.needs_noise else None
+  return jax.random.normal(k_lat, shape), noise
+
+
 def edit_images(unet, vae, sampler: Sampler, images, cond, null_cond, *, key=None, latents=None,
                 noise=None, text_scale: float = 7.5, image_scale: float = 1.5):
   """Edit `images` (NHWC in [-1, 1]) under condition `cond`; returns NHWC images in [0, 1].
@@ -66,10 +74,9 @@ def edit_images(unet, vae, sampler: Sampler, images, cond, null_cond, *, key=Non
   if latents is None or (noise is None and sampler.needs_noise):
     if key is None:
       raise ValueError("pass a PRNG key, or explicit latents (and noise for a stochastic sampler)")
-    k_lat, k_noise = jax.random.split(key)
-    latents = jax.random.normal(k_lat, shape) if latents is None else latents
-    if noise is None and sampler.needs_noise:
-      noise = jax.random.normal(k_noise, (sampler.num_steps,) + shape)
+    drawn_latents, drawn_noise = draw_noise(key, sampler, shape)
+    latents = drawn_latents if latents is None else latents
+    noise = drawn_noise if noise is None else noise
   if tuple(latents.shape) != shape:
     raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
   if cond.shape != null_cond.shape or cond.shape[0] != b:

@@ -24,7 +24,7 @@ from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mgie_jax.models.vae import AutoencoderKL, VAEConfig
-from mgie_jax.text.template import IGNORE_INDEX, NUM_IMG_TOKENS, gather_img_window, img_window_start
+from mgie_jax.text.template import IGNORE_INDEX, NUM_IMG_TOKENS, img_window_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,12 @@ def token_cross_entropy(logits, labels, denominator=None):
   if denominator is None:
     denominator = jnp.sum(mask)
   return jnp.sum(ce * mask) / jnp.maximum(denominator, 1)
+
+
+def gather_img_window(hidden, start):
+  """hidden [B, L, D], start [B] -> [B, 8, D]: the [IMG] window's rows start .. start+7."""
+  idx = start[:, None] + jnp.arange(NUM_IMG_TOKENS)[None]
+  return jnp.take_along_axis(hidden, idx[..., None], axis=1)
 
 
 def has_img_window(input_ids, img0_id: int):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from mgie_jax.text.tokenizer import IM_END, IM_PATCH, IM_START, IMG_TOKENS, LlamaTokenizer
@@ -84,14 +83,9 @@ def img_window_start(input_ids, img0_id: int):
   """Index of the first of the 8 hidden states fed to the edit head: position of [IMG0] minus one.
 
   Those are the states whose LM-head outputs predict [IMG0..7]; the released weights depend on it.
-  Works on numpy or jax arrays of shape [B, L]; rows without [IMG0] give -1 (check with `has_img`).
+  Works on numpy or jax arrays of shape [B, L] (array methods only: this module needs no JAX);
+  rows without [IMG0] give -1 (check with `has_img`).
   """
-  xp = jnp if not isinstance(input_ids, np.ndarray) else np
   hit = input_ids == img0_id
-  return xp.where(hit.any(axis=1), xp.argmax(hit, axis=1) - 1, -1)
-
-
-def gather_img_window(hidden, start):
-  """hidden [B, L, D], start [B] -> [B, 8, D] rows start .. start+7."""
-  idx = start[:, None] + jnp.arange(NUM_IMG_TOKENS)[None]
-  return jnp.take_along_axis(hidden, idx[..., None], axis=1)
+  found = hit.any(axis=1).astype("int32")
+  return (hit.argmax(axis=1) - 1) * found - (1 - found)
