@@ -251,3 +251,18 @@ def test_readme_common_errors_section_is_generated_from_the_messages():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
   assert errors.markdown() in readme, "regenerate it with: python -m mgie_jax.errors"
+
+
+def test_no_libtpu_start_up_noise_without_a_tpu(tmp_path):
+  """libtpu is installed ([test]); this machine has no TPU: JAX starts without the TPU client."""
+  from mgie_jax import backends
+  assert backends.tpu_chips() == 0
+  e = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-c", "import mgie_jax, jax; print(jax.devices()[0].platform)"],
+                        env=e, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr[-2000:]
+  assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]
+  fake = tmp_path / "pci"
+  (fake / "0000:00:04.0").mkdir(parents=True)
+  (fake / "0000:00:04.0" / "vendor").write_text("0x1ae0\n")
+  assert backends.tpu_chips(str(fake)) == 1

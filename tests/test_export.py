@@ -288,3 +288,29 @@ def test_the_pytorch_side_edit_equals_ours(exported, tmp_path):
   assert result["text"] == texts[0]
   got = np.load(tmp_path / "edited.npy")
   assert got.shape == want.shape and max_err(got, want) <= 1e-4, max_err(got, want)
+
+
+LOAD_ALL_THREE = """
+import sys
+import diffusers, flax, transformers
+out = sys.argv[1]
+transformers.LlavaForConditionalGeneration.from_pretrained(out + "/llava-hf")
+diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
+    out + "/diffusers", text_encoder=None, tokenizer=None, safety_checker=None, requires_safety_checker=False)
+from mgie_jax.models import LlavaForConditionalGeneration
+flax.config.update("flax_always_shard_variable", True)   # flax's default: ours must not depend on it
+LlavaForConditionalGeneration.from_pretrained(out + "/llava-v1")
+print("loaded")
+"""
+
+
+def test_the_three_exports_load_in_one_process_outside_the_checkout(exported, tmp_path):
+  """transformers' llava-hf, diffusers' pipeline, then our llava-v1 loader, in one user script run
+  from a folder of the user's: our parameters do not depend on flax's process-wide eager-sharding
+  setting (which flax defaults to on, and which importing mgie_jax used to turn off)."""
+  out = exported[1]
+  e = dict(os.environ)
+  e.pop("PYTHONPATH", None)                     # installed as the README says, not from the checkout
+  proc = subprocess.run([sys.executable, "-c", LOAD_ALL_THREE, str(out)], env=e, cwd=str(tmp_path),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
