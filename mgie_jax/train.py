@@ -290,10 +290,9 @@ def run_training(c, workdir, lead, restore_step, lock=None):
         _validate(c, workdir, step, parts, state, frozen, tok, data_dir, lead, mesh, writer)
         last_log = time.time()
       if preempted.agreed(step, ckpt):
-        log.warning("%s at step %d: saving and exiting", "interrupted" if preempted.interrupted else "preempted",
-                    step)
-        ckpt.save(step, state, data_iter, config_json, force=True)
         status = "interrupted" if preempted.interrupted else "preempted"
+        log.warning("%s at step %d: saving and exiting", status, step)
+        ckpt.save(step, state, data_iter, config_json, force=True)
         break
       if ckpt.should_save(step):
         ckpt.save(step, state, data_iter, config_json)
