@@ -135,7 +135,8 @@ class MGIEPipeline:
     clip_size = self.llava.config.vision_config.image_size
     clip = torch.as_tensor(clip_view(square, clip_size)[None].transpose(0, 3, 1, 2).copy(), dtype=self.emb.dtype)
     text, cond, null = self.expressive(clip, instruction, max_new_tokens)
-    pixels = torch.as_tensor(to_model_range(square, resolution)[None].transpose(0, 3, 1, 2).copy())
+    # In [0, 1]: diffusers takes a tensor in [-1, 1] only with a deprecation warning.
+    pixels = torch.as_tensor((to_model_range(square, resolution)[None].transpose(0, 3, 1, 2) + 1) / 2)
     kinds = {"euler_ancestral": diffusers.EulerAncestralDiscreteScheduler, "euler": diffusers.EulerDiscreteScheduler,
              "ddim": diffusers.DDIMScheduler}
     self.ip2p.scheduler = kinds[sampler].from_config(self.ip2p.scheduler.config)
