@@ -22,6 +22,7 @@ from flax import nnx
 from common import machine, table, timeit
 
 from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
+from mgie_jax.convert import from_pretrained
 
 
 def main():
@@ -45,8 +46,8 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     unet_t.save_pretrained(os.path.join(d, "unet"))
     vae_t.save_pretrained(os.path.join(d, "vae"))
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "unet"))
-    vae = AutoencoderKL.from_pretrained(os.path.join(d, "vae"))
+    unet = from_pretrained(UNet2DConditionModel, os.path.join(d, "unet"))
+    vae = from_pretrained(AutoencoderKL, os.path.join(d, "vae"))
   n_params = sum(p.numel() for p in unet_t.parameters())
 
   rng = np.random.default_rng(0)

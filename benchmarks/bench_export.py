@@ -87,7 +87,7 @@ def measure(root, formats):
   out = f"{root}/export"
   # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over exec (this script's models).
   probe = ("import runpy, sys; sys.argv = ['x'] + sys.argv[1:]; "
-           "import torch, mgie_jax.convert.export\n"
+           "import torch, mgie_jax.convert.writers\n"
            "hwm = lambda: next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
            "print('startup_kb', hwm(), flush=True)\n"
            "try:\n  runpy.run_module('mgie_jax.export', run_name='__main__')\n"

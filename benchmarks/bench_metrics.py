@@ -21,6 +21,7 @@ from mgie_jax.evaluation import metrics as M
 from mgie_jax.models.clip import ClipModel
 from mgie_jax.models.lpips import NETS
 from mgie_jax.models.vit import ViTModel
+from mgie_jax.convert import from_pretrained
 
 
 def torch_lpips_net(net):
@@ -79,7 +80,7 @@ def main():
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=224, patch_size=32), projection_dim=512)).eval()
     ref.save_pretrained(f"{d}/clip")
-    ours = ClipModel.from_pretrained(f"{d}/clip")
+    ours = from_pretrained(ClipModel, f"{d}/clip")
     x = rng.normal(size=(b, 224, 224, 3)).astype(np.float32)
     xt = torch.as_tensor(x.transpose(0, 3, 1, 2).copy())
     metric = M.ClipImageMetric(ours)
@@ -102,7 +103,7 @@ def main():
                                                         num_attention_heads=6, image_size=224, patch_size=16,
                                                         layer_norm_eps=1e-6), add_pooling_layer=False).eval()
     ref.save_pretrained(f"{d}/dino")
-    metric = M.DinoMetric(ViTModel.from_pretrained(f"{d}/dino"))
+    metric = M.DinoMetric(from_pretrained(ViTModel, f"{d}/dino"))
     with torch.no_grad():
       t_ref = timeit(lambda: ref(pixel_values=xt).last_hidden_state[:, 0], a.repeats)
     t_ours = timeit(lambda: metric.score({"gen": x, "target": x}), a.repeats) / 2

@@ -19,8 +19,9 @@ from flax import nnx
 
 from common import machine, table, timeit
 
-from mgie_jax.generate import greedy_generate
+from mgie_jax.inference.greedy import greedy_generate
 from mgie_jax.models import ClipVisionModel, LlamaForCausalLM
+from mgie_jax.convert import from_pretrained
 
 
 def main():
@@ -45,8 +46,8 @@ def main():
         hidden_size=a.width, intermediate_size=a.width * 4, num_hidden_layers=a.layers,
         num_attention_heads=heads, image_size=224, patch_size=14)).eval()
     clip.save_pretrained(os.path.join(d, "clip"))
-    ours = LlamaForCausalLM.from_pretrained(os.path.join(d, "llama"))
-    ours_clip = ClipVisionModel.from_pretrained(os.path.join(d, "clip"))
+    ours = from_pretrained(LlamaForCausalLM, os.path.join(d, "llama"))
+    ours_clip = from_pretrained(ClipVisionModel, os.path.join(d, "clip"))
 
   ids = np.random.default_rng(0).integers(3, 32000, (a.batch, a.seq))
   tids = torch.as_tensor(ids)

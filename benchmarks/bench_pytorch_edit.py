@@ -1,4 +1,4 @@
-"""Seconds per edit: our `edit` against the PyTorch-side edit (mgie_jax.pytorch_edit) on the same
+"""Seconds per edit: our `edit` against the PyTorch-side edit (mgie_jax.inference.pytorch_pipeline) on the same
 run and its exports, same image, settings and noise.
 
   python -m mgie_jax.train --config=configs/tiny.py --workdir=/tmp/mgie_tiny
@@ -29,7 +29,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from PIL import Image
-from mgie_jax.pytorch_edit import MGIEPipeline
+from mgie_jax.inference.pytorch_pipeline import MGIEPipeline
 export, work, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pipe = MGIEPipeline.from_export(export)
 noise = np.load(work + "/noise.npy")
@@ -54,10 +54,11 @@ def main():
   import jax.numpy as jnp
   from PIL import Image
   from benchmarks.common import machine
-  from mgie_jax import inference, trained
+  from mgie_jax.inference import pipeline as inference
+  from mgie_jax.run import workdir as workdir_lib
   from mgie_jax.diffusion import draw_noise, edit_images, make_sampler
   from data_pipelines.loader import open_source
-  from mgie_jax.images import decode_rgb
+  from mgie_jax.core.images import decode_rgb
   work = tempfile.mkdtemp()
   data = os.path.join(a.workdir, "data", "tfds", "ipr2pr", "folder", "1.0.0")
   decode_rgb(open_source(data, "test")[0]["input_image"]).save(os.path.join(work, "image.png"))
@@ -68,11 +69,11 @@ def main():
                  check=True, capture_output=True, cwd=ROOT)
   ours_process = time.perf_counter() - t0
 
-  workdir, step = trained.locate(a.workdir)
-  run = trained.load(workdir, step)
+  workdir, step = workdir_lib.locate(a.workdir)
+  run = workdir_lib.load(workdir, step)
   image = Image.open(os.path.join(work, "image.png"))
   sampler = make_sampler(inference.default_sampler(run.model), a.steps)
-  pixels, clip = inference.prepare([image], 32, inference.clip_size(run.model))
+  pixels, clip = inference.prepare([image], 32, run.model.config.clip_size)
 
   def ours():
     with jax.set_mesh(run.mesh):

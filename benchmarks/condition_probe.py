@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax import inference, trained
+from mgie_jax.inference import pipeline as inference
+from mgie_jax.run import workdir as workdir_lib
 from mgie_jax.evaluation import sweep
-from mgie_jax.images import clip_view, decode_rgb, mgie_square
+from mgie_jax.core.images import clip_view, decode_rgb, mgie_square
 from mgie_jax.text import training_example
 from mgie_jax.models.mgie import gather_img_window
 from mgie_jax.text.template import img_window_start, pad_batch
@@ -54,14 +55,14 @@ def main():
   p.add_argument("--split", default="train")
   p.add_argument("--batch", type=int, default=16)
   a = p.parse_args()
-  workdir, step = trained.locate(a.workdir)
-  run = trained.load(workdir, step)
+  workdir, step = workdir_lib.locate(a.workdir)
+  run = workdir_lib.load(workdir, step)
   model = run.model
   data_dir = run.config.data.dir or os.path.join(str(workdir), "data", "tfds", "ipr2pr", "folder", "1.0.0")
   examples = [e for e in sweep.load_examples(data_dir, a.split) if BACKGROUND.match(e.instruction)]
   if len(examples) < 4:
     raise SystemExit(f"only {len(examples)} background edits in {a.split}: nothing to probe")
-  size = inference.clip_size(model)
+  size = model.config.clip_size
   n_img = model.config.llava.num_image_tokens if hasattr(model, "mllm") else 0
   windows, conds = [], []
   with jax.set_mesh(run.mesh):

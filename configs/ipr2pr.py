@@ -1,4 +1,4 @@
-"""The full MGIE recipe on IPr2Pr, from local pretrained folders (DESIGN.md section 1.4).
+"""The full MGIE recipe on IPr2Pr, from local pretrained folders (docs/design.md, "The recipe").
 
   python -m mgie_jax.train --config=configs/ipr2pr.py --workdir=gs://bucket/mgie \\
       --config.pretrained.llava=/ckpt/LLaVA-Lightning-7B-v1-1 \\
@@ -13,31 +13,15 @@ embeddings + lm_head 262M) keep fp32 master copies and Adam moments, also FSDP-s
 Batch: the release used 32 (8 GPUs x 4); the paper 128. `train.batch_size` is global.
 """
 
-from configs import tiny
+from configs import shared
 
 
 def get_config(arg=None):
-  c = tiny.get_config()
-  c.model.init = "pretrained"
-  c.model.dtype = "bfloat16"
-  c.model.frozen_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.model.noise = {}      # {}: the schedule in <pretrained.sd>/scheduler/scheduler_config.json
+  c = shared.get_config(arg)
+  c.model.update(init="pretrained", dtype="bfloat16", frozen_dtype="bfloat16", remat="full")
   c.model.edit_head = dict(llm_dim=4096, width=512, heads=4, ffn=2048, encoder_layers=4, decoder_layers=4,
-                           num_queries=77, out_dim=768)
-  # Trained, as the release: all of embed_tokens and lm_head, the edit head, the UNet.
-  c.trainable = ("mllm.language_model.model.embed_tokens", "mllm.language_model.lm_head",
-                 "edit_head", "unet")
-  c.pretrained = dict(
-      llava="",           # LLaVA v1 folder (LLaVA-Lightning-7B-v1-1) or llava-hf folder
-      vision_tower="",    # CLIP ViT-L/14 folder for a v1 LLaVA folder without CLIP weights
-      sd="",              # Stable Diffusion 1.5 or InstructPix2Pix folder (unet/, vae/)
-      mllm_pt="",         # optional: MGIE's released mllm.pt (embed_tokens, lm_head, edit_head)
-      unet_pt="",         # optional: MGIE's released unet.pt
-      vae="",             # optional: another VAE folder (default: <sd>/vae)
-  )
+                           num_queries=77, out_dim=768)     # the release's
   c.data.dir = ""         # required: a built ipr2pr dataset folder
-  c.data.tokenizer = ""   # default: the LLaVA folder
   c.data.resolution = 256
   c.data.max_length = 512
   # A typical example is ~340 tokens (256 image + prompt + expressive text + 8 visual tokens):
@@ -48,15 +32,8 @@ def get_config(arg=None):
   c.train.batch_size = 32
   c.train.lr_mllm = 5e-4                   # the paper: 5e-4 MLLM,
   c.train.lr_diffusion = 5e-4              # 1e-4 diffusion (the release used 5e-4 for both)
-  c.train.ins_loss_weight = 1.0            # L = L_ins + 0.5 L_edit
-  c.train.edit_loss_weight = 0.5
   c.train.ema_decay = 0.0                  # the release keeps no EMA (one would be another fp32
                                            # copy of the trained weights on every chip)
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.checkpoint.update(every=1000, keep=3, async_save=True)
-  c.compile_cache_min_seconds = 1.0
-  c.log = dict(every=50, tensorboard=True, sample_every=5000, samples=4, sample_steps=50,
-               sample_new_tokens=96)
-  c.eval.update(split="validation", examples=64, batch_size=8, sample_steps=50, text_scale=7.5,
-                image_scale=1.5, max_new_tokens=96)
+  c.log.sample_every = 5000
+  c.eval.update(examples=64)
   return c

@@ -34,8 +34,8 @@ The IPr2Pr folder release (--source folder), as --manual_dir:
 (python -m data_pipelines.expressive writes it.)
 """
 
-from data_pipelines.cli import Parser, run_command
-from mgie_jax import errors
+from data_pipelines.command_line import Parser, run_command
+from mgie_jax.core import errors
 
 
 def parse(argv=None):
@@ -91,19 +91,19 @@ def check(a) -> None:
 
 
 def check_eval_source(a) -> None:
-  from data_pipelines.eval_sets.magicbrush import _test_root
+  from data_pipelines.eval_sets.magicbrush import test_root
   from data_pipelines.eval_sets.pairs import BUILDERS
   if a.dataset == "magicbrush":
     a.source = a.source or "parquet"
     if a.source == "folder":
       try:
-        _test_root(a.manual_dir)
+        test_root(a.manual_dir)
       except ValueError:
         raise errors.NOT_A_RELEASE(path=a.manual_dir, what="the MagicBrush test release (no edit_sessions.json)",
                                    flag="--manual_dir", needs="edit_sessions.json and images/") from None
     return
   builder = BUILDERS[a.dataset](data_dir=a.data_dir, file_format="array_record", source_dir=a.manual_dir)
-  if not builder._split_names():
+  if not builder.split_names():
     raise errors.NOT_A_RELEASE(path=a.manual_dir, what=f"a {a.dataset} release (no split files)",
                                flag="--manual_dir", needs=builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
 

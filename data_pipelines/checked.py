@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import tensorflow_datasets as tfds
 
-from mgie_jax.images import MAX_PIXELS, BadImage, check_image
+from mgie_jax.core.images import MAX_PIXELS, BadImage, check_image
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ class SourceChanged(ValueError):
 
 
 class CheckedBuilder(tfds.core.GeneratorBasedBuilder):
-  """Subclasses implement `_candidates(split) -> iterable of Candidate | Skip`, `_split_names()`
+  """Subclasses implement `_candidates(split) -> iterable of Candidate | Skip`, `split_names()`
   and `source_description()`."""
 
   max_pixels = MAX_PIXELS
 
-  def _split_names(self) -> list[str]:
+  def split_names(self) -> list[str]:
     raise NotImplementedError
 
   def _candidates(self, split: str) -> Iterable:
@@ -71,7 +71,7 @@ class CheckedBuilder(tfds.core.GeneratorBasedBuilder):
       self.source_dir = str(dl_manager.manual_dir)
     out, empty = {}, []
     meta = self.info.metadata
-    for split in self._split_names():
+    for split in self.split_names():
       good, skipped, converted, notes = self._scan(split)
       meta.setdefault("kept", {})[split] = len(good)
       meta.setdefault("skipped", {})[split] = dict(sorted(skipped.items()))

@@ -1,5 +1,5 @@
 """Regenerate MGIE's expressive instructions for IPr2Pr (the official notebook's procedure, see
-mgie_jax.annotation), sharded over hosts and devices and resumable.
+mgie_jax.inference.annotate), sharded over hosts and devices and resumable.
 
   python -m data_pipelines.expressive --source=/data/clip-filtered-dataset \\
       --llava=/ckpt/LLaVA-7B-v1 --vision_tower=/ckpt/clip-vit-large-patch14 \\
@@ -22,8 +22,9 @@ import json
 import os
 import sys
 
-from data_pipelines.cli import Parser, run_command
-from mgie_jax import errors
+from data_pipelines.command_line import Parser, run_command
+from mgie_jax.convert import from_pretrained
+from mgie_jax.core import errors
 
 
 def parse(argv=None):
@@ -61,11 +62,11 @@ def listing(path: str) -> tuple[list[tuple[str, str, object]], dict]:
   skipped: dict[str, int] = {}
   rows = []
   if source_kind(path) == "folder":
-    from data_pipelines.ipr2pr.ipr2pr import _prompt
+    from data_pipelines.ipr2pr.ipr2pr import read_prompt
     with open(os.path.join(path, "seeds.json")) as f:
       seeds = json.load(f)
     for folder, folder_seeds in seeds:
-      texts, reason = _prompt(os.path.join(path, folder, "prompt.json"))
+      texts, reason = read_prompt(os.path.join(path, folder, "prompt.json"))
       if reason:
         skipped[reason] = skipped.get(reason, 0) + len(folder_seeds)
         continue
@@ -190,7 +191,8 @@ def main(argv=None):
 
 def run(a):
   import jax
-  from mgie_jax import parallel
+
+  from mgie_jax.core import parallel
   if a.host_count is None:
     parallel.init_distributed()      # a TPU pod / SLURM job: jax.process_index() names this host
   rows, listing_skips = listing(a.source)
@@ -218,8 +220,10 @@ def run(a):
 def annotate(a, mine, folder: str, host: int):
   import jax
   import jax.numpy as jnp
-  from mgie_jax import annotation, parallel
-  from mgie_jax.images import BadImage, check_image, clip_view, decode_rgb
+
+  from mgie_jax.core import parallel
+  from mgie_jax.core.images import BadImage, check_image, clip_view, decode_rgb
+  from mgie_jax.inference import annotate as annotation
   from mgie_jax.models import LlavaForConditionalGeneration
   from mgie_jax.models.t5 import T5ForConditionalGeneration
   from mgie_jax.text.t5_tokenizer import T5Tokenizer
@@ -229,9 +233,9 @@ def annotate(a, mine, folder: str, host: int):
   # This host's devices: parameters FSDP-sharded by the logical-axis rules, the batch split over them.
   mesh = parallel.make_mesh(devices=jax.local_devices())
   llava = parallel.shard_module(
-      LlavaForConditionalGeneration.from_pretrained(a.llava, dtype, vision_tower=a.vision_tower), mesh)
+      from_pretrained(LlavaForConditionalGeneration, a.llava, dtype, vision_tower=a.vision_tower), mesh)
   tok = LlamaTokenizer.from_pretrained(a.llava, extra_tokens=LLAVA_V1_TOKENS)
-  t5 = parallel.shard_module(T5ForConditionalGeneration.from_pretrained(a.summarizer, dtype), mesh)
+  t5 = parallel.shard_module(from_pretrained(T5ForConditionalGeneration, a.summarizer, dtype), mesh)
   t5_tok = T5Tokenizer.from_pretrained(a.summarizer)
   settings = annotation.SummarizerSettings.from_folder(a.summarizer)
   size = llava.config.vision.image_size
@@ -267,7 +271,8 @@ def annotate(a, mine, folder: str, host: int):
 def _annotate_batch(a, good, records, llava, tok, t5, t5_tok, settings) -> int:
   """LLaVA answers, clean-up and summaries for decodable examples; fills `records`, returns the
   number of LLaVA tokens decoded."""
-  from mgie_jax import annotation
+  from mgie_jax.inference import annotate as annotation
+
   # Batches padded to batch_size (copies of the last example) keep one compiled shape.
   padded = good + [good[-1]] * (a.batch_size - len(good))
   answers, n = annotation.llava_answers(llava, tok, [g[2] for g in padded], [g[1] for g in padded],

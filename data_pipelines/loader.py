@@ -5,13 +5,9 @@
   -> per-shard batches -> threads (and optionally worker processes) prefetching
   -> this host's shards concatenated (HostLoader).
 
-Batches are dicts of numpy arrays:
-  key          bytes [B]                     (the record's key, for tracing; not for the device)
-  input_image  f32 [B, R, R, 3] in [-1, 1]   (R = resolution, 256 for training)
-  edited_image f32 [B, R, R, 3] in [-1, 1]
-  clip_image   f32 [B, 224, 224, 3]           (CLIP mean/std normalised view of the input)
-  input_ids / labels / attention_mask  int32 [B, max_length]  (when a tokenizer is given)
-  instruction_ids / instruction_mask   int32 [B, text_length]  (when text_length > 0)
+Batches are dicts of numpy arrays: the fields of mgie_jax.run.batch.BatchSpec (whose
+`loader_options()` fill the shape fields of LoaderConfig), plus `key` (bytes [B], the record's
+key, for tracing; not for the device). Token arrays only when a tokenizer is given.
 The iterator's state (`get_state`/`set_state`, or grain's Orbax handler) restores exactly.
 """
 
@@ -24,10 +20,14 @@ import logging
 import threading
 
 import grain
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
-from mgie_jax.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
+from mgie_jax.core.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
+from mgie_jax.text import IGNORE_INDEX, LlamaTokenizer, training_example
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class Preprocess:
     self.cfg = cfg
     self.tokenizer = None
     if cfg.tokenizer:
-      from mgie_jax.text import LlamaTokenizer
       self.tokenizer = LlamaTokenizer.from_pretrained(cfg.tokenizer)
       self._img0 = self.tokenizer.token_to_id("[IMG0]")
     self.skipped = collections.Counter()
@@ -98,7 +97,6 @@ class Preprocess:
            "edited_image": to_model_range(dst, self.cfg.resolution),
            "clip_image": clip_view(src, self.cfg.clip_resolution)}
     if self.tokenizer is not None:
-      from mgie_jax.text import IGNORE_INDEX, training_example
       text = lambda k: record[k].decode("utf-8") if isinstance(record[k], bytes) else record[k]
       try:
         ex = training_example(self.tokenizer, text("instruction"), text("expressive"),
@@ -130,7 +128,6 @@ class _RandomPreprocess(grain.transforms.RandomMap):
 
 
 def open_source(data_dir: str, split: str):
-  import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"{data_dir} has splits {list(builder.info.splits)}, not {split!r}")
@@ -154,7 +151,6 @@ def make_dataset(cfg: LoaderConfig, shard_index: int = 0, shard_count: int = 1,
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
   it = it.filter(lambda x: x is not None).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
   if cfg.worker_count > 0:
-    from absl import flags
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app, use defaults
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
@@ -202,7 +198,6 @@ def make_loader(cfg: LoaderConfig, process_index: int | None = None, process_cou
                 data_shards: int = 0) -> HostLoader:
   """This host's batch iterator (cfg.batch_size per host); data_shards=0 means one per process."""
   if process_index is None or process_count is None:
-    import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   shards = data_shards or process_count
   if shards % process_count:

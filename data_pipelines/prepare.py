@@ -12,14 +12,20 @@ import logging
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import synthetic
+from data_pipelines.ipr2pr import build
+from data_pipelines.synthetic_vae import VAETraining, psnr, save_vae, train_vae
+from mgie_jax.core.images import decode_rgb, mgie_square, to_model_range
+from mgie_jax.models.vae import VAEConfig
+from mgie_jax.run.model import synthetic_vae_dir
 
 log = logging.getLogger(__name__)
 
 
 def synthetic_dataset(workdir: str, s, seed: int) -> str:
   """Generate and build the synthetic dataset once; returns the built dataset's folder."""
-  from data_pipelines import synthetic
-  from data_pipelines.ipr2pr import build
   src = os.path.join(workdir, "data", "synthetic_source")
   if not os.path.exists(os.path.join(src, "expressive.json")):
     synthetic.write_dataset(src, s.prompts, s.seeds, s.size, seed, grounded=s.get("grounded", 0.0),
@@ -30,8 +36,6 @@ def synthetic_dataset(workdir: str, s, seed: int) -> str:
 
 def images_of(data_dir: str, split: str, resolution: int, limit: int = 0) -> np.ndarray:
   """Input and edited images of a split, with MGIE's preprocessing, NHWC in [-1, 1]."""
-  import tensorflow_datasets as tfds
-  from mgie_jax.images import decode_rgb, mgie_square, to_model_range
   source = tfds.builder_from_directory(data_dir).as_data_source(split)
   n = len(source) if not limit else min(limit, len(source))
   out = []
@@ -45,9 +49,6 @@ def images_of(data_dir: str, split: str, resolution: int, limit: int = 0) -> np.
 def synthetic_vae(workdir: str, data_dir: str, c) -> str:
   """Train the VAE once (config.model.vae architecture, config.vae_training options) on the
   training split at config.data.resolution; report its PSNR on the test split."""
-  from mgie_jax.models.vae import VAEConfig
-  from mgie_jax.training.vae import VAETraining, psnr, save_vae, train_vae
-  from mgie_jax.build import synthetic_vae_dir
   folder = synthetic_vae_dir(workdir)
   if os.path.exists(os.path.join(folder, "config.json")):
     return folder

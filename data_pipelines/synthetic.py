@@ -28,7 +28,10 @@ import math
 import os
 
 import numpy as np
+import sentencepiece as spm
 from PIL import Image, ImageDraw
+
+from mgie_jax.text.template import QUESTION, SYSTEM
 
 COLORS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
@@ -281,8 +284,6 @@ def train_tokenizer(out: str, texts, vocab_size: int = 1000) -> str:
   Trained on the dataset's text plus MGIE's prompt template, so it loads through the same
   `mgie_jax.text.LlamaTokenizer.from_pretrained` code as a real LLaMA folder.
   """
-  import sentencepiece as spm
-  from mgie_jax.text.template import QUESTION, SYSTEM
   os.makedirs(out, exist_ok=True)
   corpus = list(texts) + [SYSTEM, "USER: ASSISTANT:", QUESTION.format(instruction="make it blue")] * 20
   corpus += ["".join(chr(c) for c in range(32, 127))]

@@ -11,12 +11,13 @@ before a model is loaded; a mistake is one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from absl import flags
+from PIL import Image
 
-from mgie_jax import cli, errors
+from mgie_jax.core import cli, errors
+from mgie_jax.core.images import BadImage, open_rgb
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a training workdir: its latest checkpoint (or --step) is used")
@@ -39,7 +40,6 @@ flags.mark_flags_as_required(["image", "instruction"])
 def check_out_path(path: str, flag: str = "--out") -> None:
   """An output file path that can be written: not a folder, an image extension PIL knows, and
   its folder exists or can be created."""
-  from PIL import Image
   if os.path.isdir(path):
     raise errors.OUT_PATH(flag=flag, path=path, detail="is a folder", fix="give a file name, e.g. edited.png")
   ext = os.path.splitext(path)[1].lower()
@@ -57,7 +57,6 @@ def check_out_path(path: str, flag: str = "--out") -> None:
 
 def check_image_file(path: str, flag: str = "--image"):
   """The image at `path` as RGB, or a UserError."""
-  from mgie_jax.images import BadImage, open_rgb
   if not os.path.exists(path):
     raise errors.IMAGE_MISSING(flag=flag, path=path)
   if os.path.isdir(path):
@@ -70,7 +69,6 @@ def check_image_file(path: str, flag: str = "--image"):
 
 def save_image(array, path: str) -> None:
   """Write atomically: a crash never leaves a half-written image under the final name."""
-  from PIL import Image
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
   Image.fromarray(array).save(tmp)
@@ -80,21 +78,25 @@ def save_image(array, path: str) -> None:
 def main(argv):
   del argv
   cli.quiet_libraries()
+  # Deferred until the flags have parsed (--help and flag mistakes answer at once): JAX and the
+  # model stack take seconds to import.
+  import jax
+
+  from mgie_jax.inference import pipeline as inference
+  from mgie_jax.run import workdir as workdir_lib
+
   # --- everything a user can get wrong, before any model is built -----------------------------
-  from mgie_jax import trained as trained_lib
   image = check_image_file(FLAGS.image)
   if not FLAGS.instruction.strip():
     raise errors.EMPTY_INSTRUCTION()
   check_out_path(FLAGS.out)
   if FLAGS.steps < 1:
     raise errors.BAD_OPTION(flag="--steps", detail=f"{FLAGS.steps} sampling steps", fix="use 1 or more")
-  workdir, step = trained_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
+  workdir, step = workdir_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
                                      option="--checkpoint=<workdir>/checkpoints/<step> of a trained run")
 
   # --- the model and the edit --------------------------------------------------------------------
-  import jax
-  from mgie_jax import inference
-  run = trained_lib.load(workdir, step, option=f"--step={{step}}" if FLAGS.workdir
+  run = workdir_lib.load(workdir, step, option="--step={step}" if FLAGS.workdir
                          else f"--checkpoint={workdir}/checkpoints/{{step}}")
   c = run.config
   resolution = FLAGS.resolution or (512 if run.pretrained else c.data.resolution)

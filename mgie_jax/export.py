@@ -22,7 +22,7 @@ import time
 
 from absl import flags
 
-from mgie_jax import cli, errors
+from mgie_jax.core import cli, errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a training workdir: its latest checkpoint (or --step) is exported")
@@ -42,16 +42,21 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
   cli.quiet_libraries()
-  from mgie_jax import trained as trained_lib
-  from mgie_jax.convert.export import FORMATS
+  # Deferred until the flags have parsed (--help and flag mistakes answer at once): JAX and the
+  # model stack take seconds to import; torch only when a .pt format is asked for.
+  import ml_dtypes
+  import numpy as np
+
+  from mgie_jax.convert.writers import FORMATS, WRITERS
+  from mgie_jax.run import workdir as workdir_lib
   formats = [f.strip() for f in FLAGS.format if f.strip()]
   bad = [f for f in formats if f not in FORMATS]
   if bad or not formats:
     raise errors.BAD_OPTION(flag="--format", detail=f"unknown format(s) {', '.join(bad) or '(none)'}",
                             fix=f"choose from {', '.join(FORMATS)}")
-  workdir, step = trained_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
+  workdir, step = workdir_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
                                      option="--checkpoint=<workdir>/checkpoints/<step> of a trained run")
-  c = trained_lib.saved_config(workdir, step)
+  c = workdir_lib.saved_config(workdir, step)
   if c.model.get("kind", "mgie") != "mgie" and set(formats) - {"diffusers"}:
     raise errors.BAD_OPTION(flag="--format", detail=f"the run is a {c.model.kind} model, without an MLLM",
                             fix="export it with --format=diffusers")
@@ -67,10 +72,8 @@ def main(argv):
     raise errors.OUT_PATH(flag="--out", path=FLAGS.out, detail=f"{', '.join(taken)} exist(s)",
                           fix="pass --overwrite to replace them, or choose another --out")
 
-  import numpy as np
-  from mgie_jax.convert.export import WRITERS, TrainedSource
-  dtype = np.dtype(FLAGS.dtype) if FLAGS.dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
-  source = TrainedSource(workdir, step)
+  dtype = np.dtype(FLAGS.dtype) if FLAGS.dtype != "bfloat16" else ml_dtypes.bfloat16
+  source = workdir_lib.TrainedSource(workdir, step)
   for fmt, target in targets.items():
     t0 = time.time()
     tmp = f"{target}.tmp{os.getpid()}"

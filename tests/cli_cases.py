@@ -1,7 +1,7 @@
 """Run many command lines of the mgie_jax commands in one process: heavy imports once, then one
 forked child per case. Reads a JSON list of cases on stdin, prints a JSON list of results.
 
-A case: {"module": "mgie_jax.edit", "argv": [...], "env": {...}, "forbid": ["mgie_jax.build:build"]}.
+A case: {"module": "mgie_jax.edit", "argv": [...], "env": {...}, "forbid": ["mgie_jax.run.model:build"]}.
 `forbid` names functions that must not be called (model building, compiling): the child replaces
 them by a function that exits with code 99, so a test can assert an error came before them.
 A result: {"rc", "stdout", "stderr", "seconds"}.

@@ -34,7 +34,7 @@ def per_device(arrays) -> dict:
 def main():
   args = json.loads(sys.argv[1])
   from configs import ipr2pr
-  from mgie_jax import parallel
+  from mgie_jax.core import parallel
   from mgie_jax.training.setup import make_setup
   c = ipr2pr.get_config()
   c.model.remat = "none"

@@ -16,12 +16,12 @@ from configs import tiny
 from data_pipelines import synthetic
 from data_pipelines.ipr2pr import build
 from data_pipelines.loader import LoaderConfig, make_loader
-from mgie_jax import errors
+from mgie_jax.core import errors
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import make_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_MODELS = ["mgie_jax.build:build", "mgie_jax.training.setup:make_setup", "mgie_jax.trained:load"]
+NO_MODELS = ["mgie_jax.run.model:build", "mgie_jax.training.setup:make_setup", "mgie_jax.run.workdir:load"]
 
 
 def run_cases(cases):
@@ -250,12 +250,12 @@ def test_build_mistakes(results, data):
 def test_readme_common_errors_section_is_generated_from_the_messages():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
-  assert errors.markdown() in readme, "regenerate it with: python -m mgie_jax.errors"
+  assert errors.markdown() in readme, "regenerate it with: python -m mgie_jax.core.errors"
 
 
 def test_no_libtpu_start_up_noise_without_a_tpu(tmp_path):
   """libtpu is installed ([test]); this machine has no TPU: JAX starts without the TPU client."""
-  from mgie_jax import backends
+  from mgie_jax.core import backends
   assert backends.tpu_chips() == 0
   e = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   proc = subprocess.run([sys.executable, "-c", "import mgie_jax, jax; print(jax.devices()[0].platform)"],

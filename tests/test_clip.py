@@ -5,6 +5,7 @@ import torch
 
 from conftest import max_err, tol
 from mgie_jax.models import ClipVisionModel
+from mgie_jax.convert import from_pretrained
 
 
 def nhwc(x):
@@ -13,7 +14,7 @@ def nhwc(x):
 
 def test_clip_vision_parity_all_hidden_states_and_pooled(clip_dir):
   path, ref_model = clip_dir
-  ours = ClipVisionModel.from_pretrained(path)
+  ours = from_pretrained(ClipVisionModel, path)
   x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
   with torch.no_grad():
     ref = ref_model(pixel_values=x, output_hidden_states=True)
@@ -28,14 +29,14 @@ def test_clip_vision_parity_all_hidden_states_and_pooled(clip_dir):
 def test_clip_bf16_close_to_fp32(clip_dir):
   path, _ = clip_dir
   x = nhwc(torch.randn(2, 3, 28, 28))
-  ref = ClipVisionModel.from_pretrained(path)(x).last_hidden_state
-  out = ClipVisionModel.from_pretrained(path, dtype="bfloat16")(x).last_hidden_state
+  ref = from_pretrained(ClipVisionModel, path)(x).last_hidden_state
+  out = from_pretrained(ClipVisionModel, path, dtype="bfloat16")(x).last_hidden_state
   assert out.dtype == jnp.bfloat16
   # bf16 keeps 8 bits of mantissa; over 3 layers we allow 5% of the activation scale.
   assert max_err(out.astype(jnp.float32), ref) <= 0.05 * float(jnp.abs(ref).max())
 
 
 def test_clip_rejects_wrong_image_shape(clip_dir):
-  ours = ClipVisionModel.from_pretrained(clip_dir[0])
+  ours = from_pretrained(ClipVisionModel, clip_dir[0])
   with pytest.raises(ValueError, match="NHWC images of 28x28x3"):
     ours(jnp.zeros((1, 3, 28, 28)))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mgie_jax.build import trainable_filter
+from mgie_jax.run.model import trainable_filter
 from test_cli import run_cases, user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def small_config():
 def compiled(tmp_path_factory):
   """The command on a small config for a 4-chip v5e slice, in its own process (libtpu stays out
   of the test process)."""
-  from mgie_jax import build
+  from mgie_jax.run import model as build
   out = tmp_path_factory.mktemp("compile") / "result.json"
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run([sys.executable, "-m", "mgie_jax.compile", "--config=configs/tiny.py", "--topology=v5e-4",
@@ -80,7 +80,7 @@ def test_compile_mistakes_are_one_line():
       "batch": {"module": "mgie_jax.compile", "argv": base + ["--topology=local", "--config.train.batch_size=3",
                                                               "--config.mesh.fsdp=2", "--config.mesh.data=-1"],
                 "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                "forbid": ["mgie_jax.training.setup:setup_for", "mgie_jax.build:standard_shapes"]},
+                "forbid": ["mgie_jax.training.setup:setup_for", "mgie_jax.run.model:standard_shapes"]},
   }
   results = dict(zip(cases, run_cases(list(cases.values()))))
   user_error(results["topology"], "--topology", "v9-8", "v5p-8")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import max_err, save_llama, tol
-from mgie_jax.convert import CheckpointError, export_state_dict
+from mgie_jax.convert import from_pretrained, CheckpointError, export_state_dict
 from mgie_jax.convert.mllm import clip_vision_rules, llama_rules
 from mgie_jax.models import ClipVisionModel, LlamaForCausalLM
 
@@ -24,14 +24,14 @@ def copy_folder(src, dst):
 
 def test_export_round_trips_to_the_torch_state_dict(llama_dir, clip_dir):
   path, ref = llama_dir
-  ours = LlamaForCausalLM.from_pretrained(path)
+  ours = from_pretrained(LlamaForCausalLM, path)
   exported = export_state_dict(ours, llama_rules(ours.config))
   expected = {k: v.numpy() for k, v in ref.state_dict().items() if "rotary" not in k}
   assert set(exported) == set(expected)
   for k in expected:
     assert exported[k].shape == expected[k].shape and max_err(exported[k], expected[k]) == 0.0, k
   cpath, cref = clip_dir
-  clip = export_state_dict(ClipVisionModel.from_pretrained(cpath), clip_vision_rules())
+  clip = export_state_dict(from_pretrained(ClipVisionModel, cpath), clip_vision_rules())
   cexp = {k: v.numpy() for k, v in cref.state_dict().items() if "position_ids" not in k}
   assert set(clip) == set(cexp) and all(max_err(clip[k], cexp[k]) == 0.0 for k in cexp)
 
@@ -43,13 +43,13 @@ def test_sharded_safetensors_and_bin_folders(tmp_path, llama_dir):
   ids = np.random.default_rng(0).integers(3, 128, (1, 6))
   with torch.no_grad():
     want = ref(torch.as_tensor(ids)).logits.numpy()
-  got = LlamaForCausalLM.from_pretrained(str(tmp_path / "sharded"))(ids).logits
+  got = from_pretrained(LlamaForCausalLM, str(tmp_path / "sharded"))(ids).logits
   assert max_err(got, want) <= tol(want)
   # A .bin folder goes through torch.load(weights_only=True).
   os.makedirs(tmp_path / "bin")
   shutil.copy(tmp_path / "sharded" / "config.json", tmp_path / "bin" / "config.json")
   torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-  got = LlamaForCausalLM.from_pretrained(str(tmp_path / "bin"))(ids).logits
+  got = from_pretrained(LlamaForCausalLM, str(tmp_path / "bin"))(ids).logits
   assert max_err(got, want) <= tol(want)
 
 
@@ -58,7 +58,7 @@ def test_bin_with_arbitrary_objects_is_refused(tmp_path, llama_dir):
   os.remove(os.path.join(folder, "model.safetensors"))
   torch.save({"model.norm.weight": Payload()}, os.path.join(folder, "pytorch_model.bin"))
   with pytest.raises(CheckpointError, match="weights_only"):
-    LlamaForCausalLM.from_pretrained(folder)
+    from_pretrained(LlamaForCausalLM, folder)
 
 
 def test_every_problem_reported_together(tmp_path, llama_dir):
@@ -70,7 +70,7 @@ def test_every_problem_reported_together(tmp_path, llama_dir):
   sd["model.extra.weight"] = torch.zeros(3)                     # unexpected
   save_file(sd, os.path.join(folder, "model.safetensors"))
   with pytest.raises(CheckpointError) as err:
-    LlamaForCausalLM.from_pretrained(folder)
+    from_pretrained(LlamaForCausalLM, folder)
   msg = str(err.value)
   assert len(err.value.problems) == 4, msg
   assert "missing tensor model.layers.1.mlp.up_proj.weight" in msg
@@ -87,7 +87,7 @@ def test_config_shape_mismatch_lists_all_layers(tmp_path, llama_dir):
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(cfg, f)
   with pytest.raises(CheckpointError) as err:
-    LlamaForCausalLM.from_pretrained(folder)
+    from_pretrained(LlamaForCausalLM, folder)
   # gate/up/down of both layers: 6 problems, each naming the tensor.
   assert len(err.value.problems) == 6
   assert all("shape mismatch" in p for p in err.value.problems)
@@ -101,22 +101,22 @@ def test_unknown_architecture_missing_files(tmp_path, llama_dir):
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(cfg, f)
   with pytest.raises(CheckpointError, match=r"unknown architecture \['MistralForCausalLM'\]"):
-    LlamaForCausalLM.from_pretrained(folder)
+    from_pretrained(LlamaForCausalLM, folder)
   with pytest.raises(CheckpointError, match="does not exist|not a directory"):
-    LlamaForCausalLM.from_pretrained(str(tmp_path / "nowhere"))
+    from_pretrained(LlamaForCausalLM, str(tmp_path / "nowhere"))
   os.makedirs(tmp_path / "empty")
   with pytest.raises(CheckpointError, match="config.json is missing"):
-    LlamaForCausalLM.from_pretrained(str(tmp_path / "empty"))
+    from_pretrained(LlamaForCausalLM, str(tmp_path / "empty"))
   with open(tmp_path / "empty" / "config.json", "w") as f:
     json.dump({"architectures": ["LlamaForCausalLM"]}, f)
   with pytest.raises(CheckpointError, match="no weight file"):
-    LlamaForCausalLM.from_pretrained(str(tmp_path / "empty"))
+    from_pretrained(LlamaForCausalLM, str(tmp_path / "empty"))
 
 
 def test_bf16_checkpoint_loads(tmp_path):
   path, ref = save_llama(tmp_path, seed=7)
   ref.to(torch.bfloat16).save_pretrained(tmp_path)
-  ours = LlamaForCausalLM.from_pretrained(path)      # stored bf16, loaded into fp32 params
+  ours = from_pretrained(LlamaForCausalLM, path)      # stored bf16, loaded into fp32 params
   exported = export_state_dict(ours, llama_rules(ours.config))
   stored = {k: v.float().numpy() for k, v in ref.to(torch.bfloat16).state_dict().items() if "rotary" not in k}
   assert set(exported) == set(stored)

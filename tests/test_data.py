@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import synthetic
-from mgie_jax.images import CLIP_MEAN, CLIP_STD
+from mgie_jax.core.images import CLIP_MEAN, CLIP_STD
 from data_pipelines.ipr2pr import build
 from data_pipelines.loader import LoaderConfig, Preprocess, make_dataset
 from mgie_jax.text import LlamaTokenizer

@@ -11,6 +11,7 @@ from conftest import max_err
 from mgie_jax.diffusion import DDPMSchedule, SamplerConfig, edit_images, make_sampler
 from mgie_jax.diffusion.schedule import NoiseSchedule
 from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
+from mgie_jax.convert import from_pretrained
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS = 20
@@ -165,8 +166,8 @@ def test_guided_sampler_matches_instructpix2pix_pipeline(tiny_pipeline, monkeypa
               negative_prompt_embeds=null, latents=latents.clone(), num_inference_steps=steps,
               guidance_scale=7.5, image_guidance_scale=1.5, output_type="np").images
   assert not queue
-  unet = UNet2DConditionModel.from_pretrained(path)          # reads the pipeline's unet/ folder
-  vae = AutoencoderKL.from_pretrained(path)
+  unet = from_pretrained(UNet2DConditionModel, path)          # reads the pipeline's unet/ folder
+  vae = from_pretrained(AutoencoderKL, path)
   sampler = ours_for(pipe.scheduler, steps)
   got = edit_images(unet, vae, sampler, jnp.asarray(images * 2 - 1), jnp.asarray(cond.numpy()),
                     jnp.asarray(null.numpy()), latents=jnp.asarray(latents.numpy().transpose(0, 2, 3, 1)),

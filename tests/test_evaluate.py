@@ -17,11 +17,11 @@ from conftest import ORIGINAL_XLA_FLAGS, xla_flags
 from configs import tiny
 from data_pipelines import synthetic
 from data_pipelines.ipr2pr import build
-from mgie_jax import build as build_lib
+from mgie_jax.run import model as build_lib
 from mgie_jax.evaluation import editors as ed
 from mgie_jax.evaluation import metrics as metrics_lib
 from mgie_jax.evaluation.sweep import Results, Setting, Sweep, load_examples
-from mgie_jax.images import decode_rgb
+from mgie_jax.core.images import decode_rgb
 from mgie_jax.models.mgie import MGIE
 from mgie_jax.text import LlamaTokenizer
 
@@ -110,11 +110,11 @@ def test_the_mllm_part_runs_once_per_example_across_the_grid(data, editor, tmp_p
 def test_reference_text_conditions_as_training_sees_it(data, editor):
   """expressive="reference": the condition is the one the training loss computes for the
   reference expressive instruction (right-padded batch, no positions), and it reads the text."""
-  from mgie_jax import inference
+  from mgie_jax.inference import pipeline as inference
   from mgie_jax.text import pad_batch, training_example
   model, tok = editor.model, editor.tok
   exs = load_examples(data[0], "train")[:3]
-  _, clip = inference.prepare([decode_rgb(e.input_image) for e in exs], 32, inference.clip_size(model))
+  _, clip = inference.prepare([decode_rgb(e.input_image) for e in exs], 32, model.config.clip_size)
   instructions, refs = [e.instruction for e in exs], [e.expressive for e in exs]
   assert all(refs) and len(set(refs)) == 3
   texts, cond, null = inference.reference_conditions(model, tok, clip, instructions, refs)
@@ -143,8 +143,8 @@ def test_reference_rows_carry_the_dataset_text(data, editor, tmp_path):
 
 
 def test_reference_text_needs_every_reference():
-  from mgie_jax import errors
-  from mgie_jax.evaluate import check_references
+  from mgie_jax.core import errors
+  from mgie_jax.evaluation.campaign import check_references
   from mgie_jax.evaluation.sweep import Example
   exs = [Example("a", "a", 0, b"", b"", "make it blue", "", "x"), Example("b", "b", 0, b"", b"", "make it red", "", "")]
   check_references(exs, "written")

@@ -22,7 +22,9 @@ from conftest import ORIGINAL_XLA_FLAGS, max_err, tol, xla_flags
 from test_mgie import EditMapper     # the official edit head, as the release writes it
 from configs import tiny
 from data_pipelines import synthetic
-from mgie_jax.convert.export import TrainedSource, write_diffusers, write_llava_hf, write_llava_v1, write_mgie
+from mgie_jax.convert import from_pretrained
+from mgie_jax.run.workdir import TrainedSource
+from mgie_jax.convert.writers import write_diffusers, write_llava_hf, write_llava_v1, write_mgie
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import make_setup
 
@@ -112,7 +114,7 @@ def test_llava_v1_folder_round_trips_bit_for_bit(exported):
   cfg = json.load(open(folder / "config.json"))
   assert cfg["mm_vision_tower"] == str(folder / "clip") and cfg["mm_use_im_start_end"] and cfg["use_mm_proj"]
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 1, -1)
-  ours = LlavaForConditionalGeneration.from_pretrained(str(folder))       # CLIP found through mm_vision_tower
+  ours = from_pretrained(LlavaForConditionalGeneration, str(folder))       # CLIP found through mm_vision_tower
   a, b = flat(model.mllm), flat(ours)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   tok = LlamaTokenizer.from_pretrained(str(folder))
@@ -138,7 +140,7 @@ def test_an_edit_through_the_exported_pytorch_model_equals_ours(exported, monkey
   """transformers LLaVA (llava-hf export) writes the same expressive text; the official edit head
   (mllm.pt) gives the same condition; the diffusers pipeline (diffusers export) the same image."""
   from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a
-  from mgie_jax import inference
+  from mgie_jax.inference import pipeline as inference
   from mgie_jax.diffusion import edit_images, make_sampler
   from mgie_jax.text import IMG_TOKENS, img_window_start, prompt_text
   root, out, c, run, model = exported
@@ -249,7 +251,7 @@ PYTORCH_EDIT = """
 import json, sys
 import numpy as np
 from PIL import Image
-from mgie_jax.pytorch_edit import MGIEPipeline
+from mgie_jax.inference.pytorch_pipeline import MGIEPipeline
 out, work = sys.argv[1], sys.argv[2]
 pipe = MGIEPipeline.from_export(out)
 noise = np.load(work + "/noise.npy")
@@ -262,10 +264,10 @@ json.dump({"text": text, "jax_imported": "jax" in sys.modules}, open(work + "/te
 
 
 def test_the_pytorch_side_edit_equals_ours(exported, tmp_path):
-  """mgie_jax.pytorch_edit (torch, transformers, diffusers; no JAX in its process) on the exports
+  """mgie_jax.inference.pytorch_pipeline (torch, transformers, diffusers; no JAX in its process) on the exports
   gives our edit's expressive text and image, from the noise our edit drew for its key."""
   from PIL import Image
-  from mgie_jax import inference
+  from mgie_jax.inference import pipeline as inference
   from mgie_jax.diffusion import draw_noise, edit_images, make_sampler
   root, out, c, run, model = exported
   photo = Image.fromarray(np.random.default_rng(5).integers(0, 255, (30, 44, 3), np.uint8))
@@ -298,8 +300,9 @@ transformers.LlavaForConditionalGeneration.from_pretrained(out + "/llava-hf")
 diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
     out + "/diffusers", text_encoder=None, tokenizer=None, safety_checker=None, requires_safety_checker=False)
 from mgie_jax.models import LlavaForConditionalGeneration
+from mgie_jax.convert import from_pretrained
 flax.config.update("flax_always_shard_variable", True)   # flax's default: ours must not depend on it
-LlavaForConditionalGeneration.from_pretrained(out + "/llava-v1")
+from_pretrained(LlavaForConditionalGeneration, out + "/llava-v1")
 print("loaded")
 """
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ORIGINAL_XLA_FLAGS, xla_flags
 from expressive_fixtures import make_llava_v1, make_t5
-from mgie_jax import annotation
+from mgie_jax.inference import annotate as annotation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import max_err, tol
-from mgie_jax.generate import banned_ngram_tokens, greedy_generate
+from mgie_jax.inference.greedy import banned_ngram_tokens, greedy_generate
 from mgie_jax.models import LlamaForCausalLM, LlavaForConditionalGeneration
+from mgie_jax.convert import from_pretrained
 
 NEW = 28
 
@@ -31,7 +32,7 @@ def test_greedy_matches_transformers(fixture, request):
   path, ref = request.getfixturevalue(fixture)
   ids, mask = left_padded()
   want = hf_generate(ref, ids, mask, min_new_tokens=NEW)
-  got = greedy_generate(LlamaForCausalLM.from_pretrained(path), ids, mask, max_new_tokens=NEW,
+  got = greedy_generate(from_pretrained(LlamaForCausalLM, path), ids, mask, max_new_tokens=NEW,
                         no_repeat_ngram_size=3, eos_id=-1)
   assert want.shape == (2, 9 + NEW)
   np.testing.assert_array_equal(np.asarray(got.sequences), want)
@@ -40,7 +41,7 @@ def test_greedy_matches_transformers(fixture, request):
 def test_greedy_stops_on_eos_and_pads(gqa_llama_dir):
   path, ref = gqa_llama_dir
   ids, mask = left_padded(1)
-  model = LlamaForCausalLM.from_pretrained(path)
+  model = from_pretrained(LlamaForCausalLM, path)
   free = np.asarray(greedy_generate(model, ids, mask, max_new_tokens=NEW, no_repeat_ngram_size=3,
                                     eos_id=-1).sequences)
   eos = int(free[0, 9 + 6])    # a token row 0 emits at step 6 becomes "eos"
@@ -54,7 +55,7 @@ def test_greedy_stops_on_eos_and_pads(gqa_llama_dir):
 
 
 def test_hidden_states_are_teacher_forced_states(gqa_llama_dir):
-  model = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  model = from_pretrained(LlamaForCausalLM, gqa_llama_dir[0])
   ids, mask = left_padded(2)
   out = greedy_generate(model, ids, mask, max_new_tokens=8, eos_id=-1)
   seq = np.asarray(out.sequences)
@@ -86,7 +87,7 @@ def test_llava_greedy_matches_transformers(tmp_path):
     ids[i, 25 - len(r):], mask[i, 25 - len(r):] = r, 1
   px = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
   want = hf_generate(ref, ids, mask, pixel_values=px, min_new_tokens=NEW)
-  ours = LlavaForConditionalGeneration.from_pretrained(str(tmp_path))
+  ours = from_pretrained(LlavaForConditionalGeneration, str(tmp_path))
   got = greedy_generate(ours, ids, mask, pixel_values=jnp.asarray(px.numpy().transpose(0, 2, 3, 1)),
                         max_new_tokens=NEW, no_repeat_ngram_size=3, eos_id=-1)
   np.testing.assert_array_equal(np.asarray(got.sequences), want)
@@ -101,6 +102,6 @@ def test_banned_ngrams_by_hand():
 
 
 def test_generate_rejects_right_padding(gqa_llama_dir):
-  model = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  model = from_pretrained(LlamaForCausalLM, gqa_llama_dir[0])
   with pytest.raises(ValueError, match="left-padded"):
     greedy_generate(model, np.ones((1, 4), np.int32), np.asarray([[1, 1, 1, 0]]), max_new_tokens=2)

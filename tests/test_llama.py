@@ -7,10 +7,11 @@ from flax import nnx
 
 from conftest import max_err, save_llama, tol
 from mgie_jax.models import LlamaConfig, LlamaForCausalLM
+from mgie_jax.convert import from_pretrained
 
 
 def run_both(path, ref_model, ids, mask=None, positions=None, **kw):
-  ours = LlamaForCausalLM.from_pretrained(path, **kw)
+  ours = from_pretrained(LlamaForCausalLM, path, **kw)
   t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
   with torch.no_grad():
     ref = ref_model(input_ids=t(ids), attention_mask=t(mask), position_ids=t(positions)).logits.numpy()
@@ -28,7 +29,7 @@ def test_llama_logits_parity(fixture, request):
 
 
 def test_gqa_config_really_groups_heads(gqa_llama_dir):
-  ours = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  ours = from_pretrained(LlamaForCausalLM, gqa_llama_dir[0])
   assert ours.config.num_key_value_heads == 2 and ours.config.num_attention_heads == 4
   assert ours.model.layers.self_attn.k_proj.kernel.shape == (2, 64, 2 * 16)
 
@@ -49,7 +50,7 @@ def test_llama_padded_batch_parity(gqa_llama_dir):
 
 def test_tied_embeddings(tmp_path):
   path, ref_model = save_llama(tmp_path, seed=3, tie_word_embeddings=True)
-  ours = LlamaForCausalLM.from_pretrained(path)
+  ours = from_pretrained(LlamaForCausalLM, path)
   assert not hasattr(ours, "lm_head")
   ids = np.random.default_rng(2).integers(3, 128, (1, 7))
   out, ref = run_both(path, ref_model, ids)
@@ -57,7 +58,7 @@ def test_tied_embeddings(tmp_path):
 
 
 def test_kv_cache_decoding_equals_full_forward(gqa_llama_dir):
-  model = LlamaForCausalLM.from_pretrained(gqa_llama_dir[0])
+  model = from_pretrained(LlamaForCausalLM, gqa_llama_dir[0])
   ids = jnp.asarray(np.random.default_rng(3).integers(3, 128, (2, 10)))
   full = model(ids).logits
   cache = model.init_cache(2, 16)
@@ -75,19 +76,19 @@ def test_kv_cache_decoding_equals_full_forward(gqa_llama_dir):
 def test_remat_and_bf16(gqa_llama_dir):
   path, _ = gqa_llama_dir
   ids = jnp.asarray(np.random.default_rng(4).integers(3, 128, (2, 8)))
-  ref = LlamaForCausalLM.from_pretrained(path)(ids).logits
+  ref = from_pretrained(LlamaForCausalLM, path)(ids).logits
   def grads_of(model):
     graphdef, state = nnx.split(model)
     loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(ids).logits ** 2)
     return jax.tree.leaves(jax.jit(jax.grad(loss))(state)), nnx.merge(graphdef, state)(ids).logits
-  plain, _ = grads_of(LlamaForCausalLM.from_pretrained(path))
+  plain, _ = grads_of(from_pretrained(LlamaForCausalLM, path))
   for policy in ("full", "dots", "dots_no_batch"):
-    grads, logits = grads_of(LlamaForCausalLM.from_pretrained(path, remat=policy))
+    grads, logits = grads_of(from_pretrained(LlamaForCausalLM, path, remat=policy))
     assert max_err(logits, ref) <= tol(ref)
     assert len(grads) == len(plain)
     for g, want in zip(grads, plain):        # every parameter's gradient, remat or not
       assert max_err(g, want) <= tol(want), policy
-  bf16 = LlamaForCausalLM.from_pretrained(path, dtype="bfloat16")(ids).logits
+  bf16 = from_pretrained(LlamaForCausalLM, path, dtype="bfloat16")(ids).logits
   assert bf16.dtype == jnp.bfloat16
   # Two bf16 layers on logits of scale ~0.5: stated tolerance 2% of the logit range.
   assert max_err(bf16.astype(jnp.float32), ref) <= 0.02 * max(1.0, float(jnp.abs(ref).max()))

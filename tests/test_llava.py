@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_CLIP, TINY_LLAMA, max_err, tol
 from mgie_jax.models import LlavaForConditionalGeneration
 from mgie_jax.text import check_image_tokens
+from mgie_jax.convert import from_pretrained
 
 IMAGE_TOKEN = 120
 N_IMG = 16   # (28 / 7)^2 patches, CLS dropped
@@ -42,7 +43,7 @@ def llava_hf_dir(tmp_path_factory):
 
 def test_llava_hf_logits_parity(llava_hf_dir):
   path, ref_model = llava_hf_dir
-  ours = LlavaForConditionalGeneration.from_pretrained(path)
+  ours = from_pretrained(LlavaForConditionalGeneration, path)
   assert ours.config.layout == "hf" and ours.config.projector == "mlp2x_gelu"
   ids, px = inputs()
   with torch.no_grad():
@@ -67,8 +68,8 @@ def test_llava_hf_both_key_namings_load(llava_hf_dir, tmp_path):
   save_file(renamed, os.path.join(tmp_path, "model.safetensors"))
   with open(os.path.join(path, "config.json")) as f, open(os.path.join(tmp_path, "config.json"), "w") as g:
     g.write(f.read())
-  a = LlavaForConditionalGeneration.from_pretrained(path)
-  b = LlavaForConditionalGeneration.from_pretrained(str(tmp_path))
+  a = from_pretrained(LlavaForConditionalGeneration, path)
+  b = from_pretrained(LlavaForConditionalGeneration, str(tmp_path))
   ids, px = inputs(seed=1)
   assert max_err(ours_logits(a, ids, px), ours_logits(b, ids, px)) == 0.0
 
@@ -107,7 +108,7 @@ def v1_reference(llama, projector, clip_model, ids, px):
 @pytest.mark.parametrize("embed_clip", [False, True])
 def test_llava_v1_layout_parity(tmp_path, clip_dir, embed_clip):
   llama, projector, clip_model = make_v1_folder(str(tmp_path), clip_dir, embed_clip=embed_clip)
-  ours = LlavaForConditionalGeneration.from_pretrained(str(tmp_path), vision_tower=clip_dir[0])
+  ours = from_pretrained(LlavaForConditionalGeneration, str(tmp_path), vision_tower=clip_dir[0])
   assert ours.config.layout == "v1" and ours.config.projector == "linear"
   assert ours.config.image_token_id == IMAGE_TOKEN
   ids, px = inputs(seed=2)
@@ -118,7 +119,7 @@ def test_llava_v1_layout_parity(tmp_path, clip_dir, embed_clip):
 def test_llava_v1_without_clip_says_what_to_pass(tmp_path, clip_dir):
   make_v1_folder(str(tmp_path), clip_dir, embed_clip=False)
   with pytest.raises(ValueError, match="pass vision_tower="):
-    LlavaForConditionalGeneration.from_pretrained(str(tmp_path))
+    from_pretrained(LlavaForConditionalGeneration, str(tmp_path))
 
 
 def test_image_token_count_checked():

@@ -17,6 +17,7 @@ from conftest import max_err, tol
 from mgie_jax.evaluation import metrics as M
 from mgie_jax.models.clip import ClipModel
 from mgie_jax.models.vit import ViTModel
+from mgie_jax.convert import from_pretrained
 
 
 def distortions(img: Image.Image):
@@ -180,7 +181,7 @@ def clip_folder(path, eos_token_id):
 @pytest.mark.parametrize("eos", [2, 98])
 def test_clip_image_and_text_embeddings_match_transformers(eos, photos, tmp_path):
   ref = clip_folder(tmp_path, eos)
-  ours = ClipModel.from_pretrained(str(tmp_path))
+  ours = from_pretrained(ClipModel, str(tmp_path))
   pixels = np.stack([M.clip_view(g, 32) for _, g in photos[:6]])
   with torch.no_grad():
     want = ref.get_image_features(pixel_values=torch.as_tensor(pixels.transpose(0, 3, 1, 2)))
@@ -205,7 +206,7 @@ def test_dino_cls_features_match_transformers_vit(photos, tmp_path):
   ref = transformers.ViTModel(transformers.ViTConfig(**TINY_VISION, hidden_act="gelu",
                                                       layer_norm_eps=1e-6), add_pooling_layer=False).eval()
   ref.save_pretrained(tmp_path)
-  ours = ViTModel.from_pretrained(str(tmp_path))
+  ours = from_pretrained(ViTModel, str(tmp_path))
   pixels = np.stack([M.dino_view(g, 36, 32) for _, g in photos[:6]])
   with torch.no_grad():
     want = ref(pixel_values=torch.as_tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state[:, 0].numpy()

@@ -10,10 +10,11 @@ import transformers
 from flax import nnx
 
 from conftest import TINY_CLIP, TINY_LLAMA, max_err, tol
-from mgie_jax.convert.mgie import edit_head_from_state_dict
+from mgie_jax.convert.release import edit_head_from_state_dict
 from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration, UNet2DConditionModel
 from mgie_jax.models.edit_head import EditHeadConfig
 from mgie_jax.models.mgie import MGIE, Draws, MGIEConfig
+from mgie_jax.convert import from_pretrained
 
 HEAD = EditHeadConfig(llm_dim=64, width=32, heads=4, ffn=48, encoder_layers=2, decoder_layers=2,
                       num_queries=7, out_dim=24)
@@ -129,10 +130,10 @@ def torch_reference_loss(head, llava, unet, vae, batch, draws: Draws):
 
 def load_ours(root, head):
   sd = {k: v.detach().numpy() for k, v in head.state_dict().items()}
-  parts = (LlavaForConditionalGeneration.from_pretrained(str(root / "llava")),
+  parts = (from_pretrained(LlavaForConditionalGeneration, str(root / "llava")),
            edit_head_from_state_dict(sd, HEAD, prefix=""),
-           UNet2DConditionModel.from_pretrained(str(root / "unet")),
-           AutoencoderKL.from_pretrained(str(root / "vae")))
+           from_pretrained(UNet2DConditionModel, str(root / "unet")),
+           from_pretrained(AutoencoderKL, str(root / "vae")))
   cfg = MGIEConfig(llava=parts[0].config, edit_head=HEAD, unet=parts[2].config, vae=parts[3].config,
                    img_token_id=IMG0)
   return MGIE.from_parts(cfg, *parts)
@@ -177,7 +178,7 @@ def test_rows_without_img0_are_left_out_of_the_edit_loss_and_refused_in_inferenc
   want = losses(model, sub(batch), Draws(*sub(tuple(draws))))
   assert abs(float(got["edit"]) - float(want["edit"])) <= 1e-5 * max(1.0, float(want["edit"]))
   assert int(losses(model, batch, draws)["no_img"]) == 0
-  from mgie_jax.inference import conditions_for
+  from mgie_jax.inference.pipeline import conditions_for
   with pytest.raises(ValueError, match=r"rows \[1\] hold no \[IMG0\]"):
     conditions_for(model, np.asarray(broken["input_ids"]), np.asarray(batch["attention_mask"]),
                    np.asarray(batch["clip_image"]))

@@ -8,8 +8,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import max_err, tol
-from mgie_jax import parallel
-from mgie_jax.generate import greedy_generate
+from mgie_jax.core import parallel
+from mgie_jax.inference.greedy import greedy_generate
 from mgie_jax.models import (ClipVisionConfig, LlamaConfig, LlavaConfig,
                              LlavaForConditionalGeneration)
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import ORIGINAL_XLA_FLAGS, xla_flags
 from configs import tiny
 from data_pipelines import synthetic
-from mgie_jax.convert.export import TrainedSource, write_diffusers, write_llava_v1
+from mgie_jax.run.workdir import TrainedSource
+from mgie_jax.convert.writers import write_diffusers, write_llava_v1
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import make_setup
 

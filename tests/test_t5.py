@@ -9,9 +9,10 @@ import torch
 
 from conftest import max_err, tol
 from expressive_fixtures import make_t5
-from mgie_jax.beam_search import generate, trimmed
+from mgie_jax.inference.beam import generate, trimmed
 from mgie_jax.models.t5 import T5ForConditionalGeneration, relative_position_buckets
 from mgie_jax.text.t5_tokenizer import T5Tokenizer
+from mgie_jax.convert import from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_t5_logits_match_transformers(tmp_path, variant, batch):
   """Encoder and decoder on a padded batch; v1.0 (ReLU, tied rescaled head) as well as v1.1."""
   extra = {} if variant == "v1.1" else dict(feed_forward_proj="relu", tie_word_embeddings=True)
   path, ref = make_t5(tmp_path, seed=1, eos_boost=1.0, **extra)
-  ours = T5ForConditionalGeneration.from_pretrained(path)
+  ours = from_pretrained(T5ForConditionalGeneration, path)
   ids, mask = batch
   dec = np.random.default_rng(1).integers(2, ref.config.vocab_size, (4, 11))
   dec[:, 0] = 0
@@ -76,7 +77,7 @@ SETTINGS = [
 @pytest.mark.parametrize("kw", SETTINGS, ids=["summariser", "default-stop", "never", "greedy"])
 def test_generate_is_token_identical_to_transformers(t5_dir, batch, kw):
   path, ref = t5_dir
-  ours = T5ForConditionalGeneration.from_pretrained(path)
+  ours = from_pretrained(T5ForConditionalGeneration, path)
   ids, mask = batch
   with torch.no_grad():
     want = ref.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,

@@ -85,7 +85,7 @@ def test_window_missing_and_padding(tok):
 
 def test_sample_grid_captions_wrap_to_the_row_and_keep_every_word():
   from PIL import Image, ImageDraw
-  from mgie_jax.inference import sample_grid, wrap_text
+  from mgie_jax.inference.pipeline import sample_grid, wrap_text
   draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   text = "expressive: the background becomes white so that the square stands out, " + "x" * 90
   lines = wrap_text(draw, text, 120)

@@ -182,7 +182,7 @@ def test_failing_restore_says_why(data, tmp_path):
   c2 = config(data)
   c2.model.unet.block_out_channels = (16, 32)            # a different model
   other = make_setup(c2, c.data.tokenizer, devices=jax.devices()[:1])
-  from mgie_jax.errors import UserError
+  from mgie_jax.core.errors import UserError
   with pytest.raises(UserError, match="checkpoint step 3 does not fit this model: params.unet"):
     Checkpointer(str(tmp_path), every=1, keep=2).restore(other.abstract_state(), None)
 
@@ -428,14 +428,14 @@ def test_readme_main_command_learns_the_edits_and_reports_validation(readme_run)
 
 
 def test_readme_run_trains_a_vae_that_reconstructs_and_loads_it_frozen(readme_run):
-  from mgie_jax import trained
+  from mgie_jax.run import workdir as workdir_lib
   from mgie_jax.convert.pretrained import load_vae
   workdir, log = readme_run
   folder = os.path.join(workdir, "data", "vae")
   with open(os.path.join(folder, "training.json")) as f:
     report = json.load(f)
   assert report["psnr_test_db"] > 25.0, report      # held-out synthetic images (measured 26.1-27.5 dB)
-  run = trained.load(workdir, 1500, devices=jax.devices()[:1])
+  run = workdir_lib.load(workdir, 1500, devices=jax.devices()[:1])
   assert "vae" not in run.params                     # frozen: not trained, not checkpointed
   from flax import nnx
   params = lambda m: flat(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
@@ -459,13 +459,14 @@ def test_readme_edit_command_edits_a_photograph(readme_run, tmp_path):
 
 
 def test_inference_loader_reads_parameters_only_and_writes_nothing(killed_and_resumed):
-  from mgie_jax import inference, trained
+  from mgie_jax.inference import pipeline as inference
+  from mgie_jax.run import workdir as workdir_lib
   from mgie_jax.diffusion import NoiseSchedule
   straight = killed_and_resumed[0]
   before = sorted(str(p) for p in __import__("pathlib").Path(straight).rglob("*"))
-  workdir, step = trained.locate(straight)
+  workdir, step = workdir_lib.locate(straight)
   assert step == 14
-  run = trained.load(workdir, step, devices=jax.devices()[:1])
+  run = workdir_lib.load(workdir, step, devices=jax.devices()[:1])
   c = run.config
   setup = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
   full = Checkpointer(straight, every=1, keep=5).restore(setup.abstract_state(), None, step)
@@ -473,8 +474,8 @@ def test_inference_loader_reads_parameters_only_and_writes_nothing(killed_and_re
   a, b = flat(full.ema), flat(run.params)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   assert not all(np.array_equal(a[k], v) for k, v in flat(full.params).items())
-  from mgie_jax.convert.export import TrainedSource
-  unet = TrainedSource(straight, step)._restore("unet")                 # and so does export
+  from mgie_jax.run.workdir import TrainedSource
+  unet = TrainedSource(straight, step).restore_module("unet")                 # and so does export
   assert np.array_equal(unet["conv_in"]["kernel"], a["['unet']['conv_in']['kernel']"])
   # The run killed and resumed carries its EMA through the restart exactly.
   resumed = Checkpointer(killed_and_resumed[1], every=1, keep=5).restore(setup.abstract_state(), None, step)

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from conftest import max_err, tol
-from mgie_jax.convert import CheckpointError, export_state_dict
+from mgie_jax.convert import from_pretrained, CheckpointError, export_state_dict
 from mgie_jax.convert.diffusion import derived_rules, unet_from_state_dict, widen_unet
 from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
 
@@ -78,7 +78,7 @@ def unet_inputs(channels, seed=0, batch=2):
 @pytest.mark.parametrize("fixture", ["unet_a", "unet_b"])
 def test_unet_parity(fixture, request):
   path, ref = request.getfixturevalue(fixture)
-  ours = UNet2DConditionModel.from_pretrained(path)
+  ours = from_pretrained(UNet2DConditionModel, path)
   x, t, c = unet_inputs(ref.config.in_channels)
   with torch.no_grad():
     want = ref(x, t, encoder_hidden_states=c).sample.numpy()
@@ -91,9 +91,9 @@ def test_unet_parity(fixture, request):
 
 def test_widened_unet_equals_four_channel_unet(unet_a, tmp_path):
   path, ref = unet_a
-  four = UNet2DConditionModel.from_pretrained(path)
+  four = from_pretrained(UNet2DConditionModel, path)
   eight = widen_unet(four, 8)
-  loaded = UNet2DConditionModel.from_pretrained(path, in_channels=8)   # widening at load time
+  loaded = from_pretrained(UNet2DConditionModel, path, in_channels=8)   # widening at load time
   assert eight.config.in_channels == 8 and eight.conv_in.kernel.shape == (3, 3, 8, 32)
   x, t, c = unet_inputs(4, seed=1)
   t, c = jnp.asarray(t.numpy()), jnp.asarray(c.numpy())
@@ -131,7 +131,7 @@ def test_broken_unet_checkpoint_lists_every_problem(unet_b, tmp_path):
   with open(os.path.join(path, "config.json")) as f, open(tmp_path / "config.json", "w") as g:
     g.write(f.read())
   with pytest.raises(CheckpointError) as err:
-    UNet2DConditionModel.from_pretrained(str(tmp_path))
+    from_pretrained(UNet2DConditionModel, str(tmp_path))
   msg = str(err.value)
   assert len(err.value.problems) == 4, msg
   assert "missing tensor mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight" in msg
@@ -149,11 +149,11 @@ def test_unsupported_unet_options_are_named(unet_b, tmp_path):
   with open(tmp_path / "u" / "config.json", "w") as f:
     json.dump(cfg, f)
   with pytest.raises(ValueError, match="addition_embed_type.*upcast_attention"):
-    UNet2DConditionModel.from_pretrained(str(tmp_path / "u"))
+    from_pretrained(UNet2DConditionModel, str(tmp_path / "u"))
 
 
 def test_unet_rejects_bad_sample_shapes(unet_b):
-  ours = UNet2DConditionModel.from_pretrained(unet_b[0])
+  ours = from_pretrained(UNet2DConditionModel, unet_b[0])
   c = jnp.zeros((1, 7, 24))
   with pytest.raises(ValueError, match="8 channels"):
     ours(jnp.zeros((1, 16, 16, 4)), 1, c)
@@ -166,7 +166,7 @@ def test_unet_remat_same_output_and_grads(unet_b):
   x, t, c = unet_inputs(8, seed=3)
   x, t, c = nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(c.numpy())
   loss = lambda m: jnp.mean(m(x, t, c) ** 2)
-  plain, remat = UNet2DConditionModel.from_pretrained(path), UNet2DConditionModel.from_pretrained(path, remat=True)
+  plain, remat = from_pretrained(UNet2DConditionModel, path), from_pretrained(UNet2DConditionModel, path, remat=True)
   grad = nnx.jit(nnx.grad(loss))
   g1, g2 = grad(plain), grad(remat)
   a = g1.conv_in.kernel[...]
@@ -175,7 +175,7 @@ def test_unet_remat_same_output_and_grads(unet_b):
 
 def test_vae_encode_decode_parity(vae):
   path, ref = vae
-  ours = AutoencoderKL.from_pretrained(path)
+  ours = from_pretrained(AutoencoderKL, path)
   img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
   with torch.no_grad():
     post = ref.encode(img).latent_dist

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mgie_jax import errors
+from mgie_jax.core import errors
 from mgie_jax.training import writer_lock
 from mgie_jax.training.writer_lock import WriterLock
 

@@ -6,6 +6,8 @@ Lists are comma-separated strings so that they override from the command line:
 
 import ml_collections
 
+from configs import ipr2pr
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -18,6 +20,7 @@ def get_config(arg=None):
   c.steps = ""                               # their checkpoint steps: "" latest, "all", or "5000,10000"
   c.pretrained = dict(name="mgie-release", llava="", vision_tower="", sd="", mllm_pt="", unet_pt="")
   c.pretrained_dtype = "bfloat16"
+  c.recipe = ipr2pr.get_config()             # the training recipe a pretrained MGIE is built with
   c.ip2p = ""                                # an InstructPix2Pix diffusers folder (text-only baseline)
   c.copy_input = True                        # the do-nothing row: beats every model on some metrics
   # --- the grid ---

@@ -2,7 +2,9 @@
 layout, see common.py)."""
 
 from data_pipelines.eval_sets.magicbrush import MagicBrush
+from data_pipelines.eval_sets.magicbrush import build as build_mb
 from data_pipelines.eval_sets.pairs import Evr, Gier, Ma5k
+from data_pipelines.eval_sets.pairs import build as build_pairs
 
 EVAL_SETS = ("magicbrush", "evr", "gier", "ma5k")
 
@@ -10,7 +12,5 @@ EVAL_SETS = ("magicbrush", "evr", "gier", "ma5k")
 def build(name: str, source_dir: str, data_dir: str, source: str = "parquet", overwrite: bool = False, **kw):
   """Build (or reuse) an evaluation set; returns the builder."""
   if name == "magicbrush":
-    from data_pipelines.eval_sets.magicbrush import build as build_mb
     return build_mb(source_dir, data_dir, source, overwrite, **kw)
-  from data_pipelines.eval_sets.pairs import build as build_pairs
   return build_pairs(name, source_dir, data_dir, overwrite, **kw)

@@ -19,10 +19,12 @@ import functools
 import glob
 import os
 
+import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
 from data_pipelines.checked import Candidate, Skip, prepare
 from data_pipelines.eval_sets.common import EvalSet, example, load_json, read_bytes
+from mgie_jax.core.images import BadImage
 
 
 @dataclasses.dataclass
@@ -37,9 +39,9 @@ class MagicBrush(EvalSet):
                      MagicBrushConfig(name="folder", source="folder", description="test release folder")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = "The parquet files (train/dev) or the unzipped test folder."
 
-  def _split_names(self):
+  def split_names(self):
     if self.builder_config.source == "folder":
-      self._root = _test_root(self.source_dir)
+      self._root = test_root(self.source_dir)
       return ["test"]
     self._files = {s: sorted(glob.glob(os.path.join(self.source_dir, "**", f"{s}-*.parquet"), recursive=True))
                    for s in ("train", "dev")}
@@ -49,7 +51,6 @@ class MagicBrush(EvalSet):
     if self.builder_config.source == "folder":
       yield from self._folder()
       return
-    import pyarrow.parquet as pq
     for path in self._files[split]:
       pf = pq.ParquetFile(path)
       for group in range(pf.num_row_groups):
@@ -96,7 +97,7 @@ def _natural(s):
   return (0, int(s)) if str(s).isdigit() else (1, str(s))
 
 
-def _test_root(root: str) -> str:
+def test_root(root: str) -> str:
   for candidate in (root, os.path.join(root, "test")):
     if os.path.isfile(os.path.join(candidate, "edit_sessions.json")):
       return candidate
@@ -109,7 +110,6 @@ def _optional_json(path):
 
 @functools.lru_cache(maxsize=2)
 def _row_group(path, group):
-  import pyarrow.parquet as pq
   return pq.ParquetFile(path).read_row_group(group, columns=["source_img", "target_img", "mask_img"]).to_pylist()
 
 
@@ -123,7 +123,6 @@ def _parquet_example(path, group, i, rec):
   row = _row_group(path, group)[i]
   src, dst = _blob(row.get("source_img")), _blob(row.get("target_img"))
   if src is None or dst is None:
-    from mgie_jax.images import BadImage
     raise BadImage("missing_image")
   return example(f"{rec['img_id']}_{int(rec['turn_index'])}", rec["img_id"], rec["turn_index"], src, dst,
                  rec["instruction"].strip(), _blob(row.get("mask_img")) or b"")
@@ -138,6 +137,6 @@ def build(source_dir: str, data_dir: str, source: str = "parquet", overwrite: bo
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(source_dir)
   if source == "folder":
-    _test_root(source_dir)
+    test_root(source_dir)
   make = lambda: MagicBrush(config=source, data_dir=data_dir, file_format="array_record", source_dir=source_dir, **kw)
   return prepare(make, source_dir, overwrite)

@@ -36,7 +36,7 @@ class PairSet(EvalSet):
   def _pairs(self, split):
     raise NotImplementedError
 
-  def _split_names(self):
+  def split_names(self):
     return [s for s in SPLITS if self._split_file(s) is not None]
 
   def _split_file(self, split):
@@ -145,6 +145,6 @@ def build(name: str, source_dir: str, data_dir: str, overwrite: bool = False, **
     raise ValueError(f"{source_dir} has no FiveK.json: not the MA5k-Req release")
   make = lambda: cls(data_dir=data_dir, file_format="array_record", source_dir=source_dir, **kw)
   builder = make()
-  if not builder._split_names():
+  if not builder.split_names():
     raise ValueError(f"{source_dir} holds none of the split files of {name}")
   return prepare(make, source_dir, overwrite)

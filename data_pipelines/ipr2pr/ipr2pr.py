@@ -24,11 +24,11 @@ import math
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
-from data_pipelines.checked import (Candidate, CheckedBuilder, Skip, file_digest, listing_digest,
-                                    prepare)
-from mgie_jax.images import MAX_PIXELS
+from data_pipelines.checked import Candidate, CheckedBuilder, Skip, file_digest, listing_digest, prepare
+from mgie_jax.core.images import MAX_PIXELS, BadImage
 
 SPLIT_NAMES = ("train", "validation", "test")
 MISSING_EXPRESSIVE = ("instruction", "skip")
@@ -125,7 +125,7 @@ class Ipr2pr(CheckedBuilder):
             "split_fractions": list(self.split_fractions), "max_pixels": self.max_pixels}
 
   # --- the source -------------------------------------------------------------------------------
-  def _split_names(self):
+  def split_names(self):
     self._expressive = load_expressive(self.expressive_json)
     if self.builder_config.source == "parquet":
       return ["train"]
@@ -163,7 +163,7 @@ class Ipr2pr(CheckedBuilder):
     root = self.source_dir
     for folder, seeds in self._parts[split]:
       seeds = list(seeds)
-      texts, reason = _prompt(os.path.join(root, folder, "prompt.json"))
+      texts, reason = read_prompt(os.path.join(root, folder, "prompt.json"))
       if reason:
         yield Skip(reason, len(seeds))
         continue
@@ -175,7 +175,6 @@ class Ipr2pr(CheckedBuilder):
         yield f"{folder}_{seed}_0", functools.partial(_read_pair, paths), texts
 
   def _parquet_rows(self):
-    import pyarrow.parquet as pq
     files = sorted(f for f in os.listdir(self.source_dir) if f.endswith(".parquet"))
     if not files:
       raise ValueError(f"no .parquet files in {self.source_dir}")
@@ -197,7 +196,6 @@ class Ipr2pr(CheckedBuilder):
 
 @functools.lru_cache(maxsize=2)
 def _row_group(path: str, group: int):
-  import pyarrow.parquet as pq
   return pq.ParquetFile(path).read_row_group(group, columns=["original_image", "edited_image"]).to_pylist()
 
 
@@ -213,14 +211,13 @@ def _read_pair(paths):
 def _example(key, read, texts, expressive):
   pair = read()
   if any(p is None for p in pair):
-    from mgie_jax.images import BadImage
     raise BadImage("missing_image")
   return {"key": key, "input_image": pair[0], "edited_image": pair[1], "instruction": texts["edit"],
           "expressive": expressive, "input_caption": texts.get("input") or "",
           "output_caption": texts.get("output") or ""}
 
 
-def _prompt(path):
+def read_prompt(path):
   raw, reason = _read_text(path)
   if reason:
     return None, reason

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import CheckpointError, open_weights, read_config, shape_of
-from mgie_jax.convert.mapping import CONV, IDENTITY, LINEAR, Rule, load_module, plan_module
-from mgie_jax.convert.mllm import _Renamed, _check_arch, _runtime
+from mgie_jax.convert.mapping import CONV, IDENTITY, LINEAR, Rule, plan_module
+from mgie_jax.convert.mllm import Renamed, check_arch, runtime_kwargs
+from mgie_jax.convert.torch_files import CheckpointError, open_weights, read_config, shape_of
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mgie_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -109,12 +109,12 @@ def _diffusers_config(path: str, allowed) -> dict:
   cls = hf.get("_class_name")
   if cls and cls not in allowed:
     raise CheckpointError(path, [f"unknown architecture {cls!r} in config.json; this loader reads {list(allowed)}"])
-  _check_arch(path, hf, allowed)
+  check_arch(path, hf, allowed)
   return hf
 
 
 def _load_unet(tensors, hf: dict, source: str, in_channels, dtype, runtime):
-  runtime = _runtime(dtype, runtime) if dtype is not None else runtime
+  runtime = runtime_kwargs(dtype, runtime) if dtype is not None else runtime
   if in_channels is not None:
     tensors = _widen(tensors, in_channels, source)
     hf = {**hf, "in_channels": in_channels}
@@ -149,14 +149,14 @@ def unet_plan_from_state_dict(file: str, config, *, in_channels: int | None = No
 def unet_from_pretrained(path: str, dtype=None, *, in_channels: int | None = None,
                          **runtime) -> UNet2DConditionModel:
   """A diffusers UNet folder; `in_channels=8` widens an SD UNet for InstructPix2Pix on the fly."""
-  return unet_plan(path, in_channels=in_channels, **_runtime(dtype, runtime))[1].materialize()
+  return unet_plan(path, in_channels=in_channels, **runtime_kwargs(dtype, runtime))[1].materialize()
 
 
 def unet_from_state_dict(file: str, config, dtype=None, *, in_channels: int | None = None,
                          **runtime) -> UNet2DConditionModel:
   """A bare UNet state dict (MGIE's released `unet.pt`, or .safetensors) given its config."""
   return unet_plan_from_state_dict(file, config, in_channels=in_channels,
-                                   **_runtime(dtype, runtime))[1].materialize()
+                                   **runtime_kwargs(dtype, runtime))[1].materialize()
 
 
 def vae_source(path: str, **runtime):
@@ -165,7 +165,7 @@ def vae_source(path: str, **runtime):
     path = os.path.join(path, "vae")
   hf = _diffusers_config(path, VAE_ARCHS)
   cfg = VAEConfig.from_hf(hf, **runtime)
-  return cfg, _Renamed([(open_weights(path), _legacy_vae_key)]), vae_rules(cfg), path
+  return cfg, Renamed([(open_weights(path), _legacy_vae_key)]), vae_rules(cfg), path
 
 
 def vae_plan(path: str, **runtime):
@@ -175,4 +175,4 @@ def vae_plan(path: str, **runtime):
 
 
 def vae_from_pretrained(path: str, dtype=None, **runtime) -> AutoencoderKL:
-  return vae_plan(path, **_runtime(dtype, runtime))[1].materialize()
+  return vae_plan(path, **runtime_kwargs(dtype, runtime))[1].materialize()

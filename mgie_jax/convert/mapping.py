@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import CheckpointError
+from mgie_jax.convert.torch_files import CheckpointError, shape_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,6 @@ def plan_module(factory, tensors: Mapping[str, np.ndarray], rules, *, source: st
   from the module's structure). `ignore` holds regexes of torch keys that are expected and
   unused (buffers such as rotary `inv_freq`). Raises CheckpointError listing all problems.
   """
-  from mgie_jax.convert.checkpoint import shape_of
   abstract = nnx.eval_shape(factory)   # shapes only: nothing is allocated or initialised
   if callable(rules):
     rules = rules(abstract)

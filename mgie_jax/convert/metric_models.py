@@ -8,11 +8,11 @@ import re
 
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import CheckpointError, open_weights, read_config
-from mgie_jax.convert.mapping import CONV, IDENTITY, LINEAR, Rule, Transform, load_module, prefixed
-from mgie_jax.convert.mllm import (IGNORED, _check_arch, _Renamed, _runtime, clip_vision_rules,
-                                   linear_rules, norm_rules)
-from mgie_jax.models.clip import ClipModel, ClipTextConfig, ClipVisionConfig
+from mgie_jax.convert.mapping import CONV, IDENTITY, Rule, Transform, load_module, prefixed
+from mgie_jax.convert.mllm import (IGNORED, Renamed, check_arch, clip_vision_rules, linear_rules, norm_rules,
+                                   runtime_kwargs)
+from mgie_jax.convert.torch_files import CheckpointError, open_weights, read_config
+from mgie_jax.models.clip import ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig
 from mgie_jax.models.lpips import LPIPS, NETS, LPIPSConfig
 from mgie_jax.models.vit import ViTConfig, ViTModel
 
@@ -40,10 +40,10 @@ def clip_rules() -> list[Rule]:
 
 def clip_from_pretrained(path: str, dtype=None, **runtime) -> ClipModel:
   hf = read_config(path)
-  _check_arch(path, hf, ("CLIPModel",))
+  check_arch(path, hf, ("CLIPModel",))
   if "text_config" not in hf or "vision_config" not in hf:
     raise CheckpointError(path, ["config.json is not a CLIPModel config (needs text_config and vision_config)"])
-  runtime = _runtime(dtype, runtime)
+  runtime = runtime_kwargs(dtype, runtime)
   vision, text = ClipVisionConfig.from_hf(hf["vision_config"], **runtime), ClipTextConfig.from_hf(hf["text_config"], **runtime)
   dim = hf.get("projection_dim", 512)
   return load_module(lambda: ClipModel(vision, text, dim, rngs=nnx.Rngs(0)), open_weights(path), clip_rules(),
@@ -72,10 +72,10 @@ def vit_rules(cfg: ViTConfig) -> list[Rule]:
 
 def vit_from_pretrained(path: str, dtype=None, **runtime) -> ViTModel:
   hf = read_config(path)
-  _check_arch(path, hf, ("ViTModel", "ViTForImageClassification"))
-  cfg = ViTConfig.from_hf(hf, **_runtime(dtype, runtime))
+  check_arch(path, hf, ("ViTModel", "ViTForImageClassification"))
+  cfg = ViTConfig.from_hf(hf, **runtime_kwargs(dtype, runtime))
   # ViTForImageClassification keeps the encoder under `vit.`; the pooler and classifier are unused.
-  tensors = _Renamed([(open_weights(path), lambda k: k[len("vit."):] if k.startswith("vit.") else k)])
+  tensors = Renamed([(open_weights(path), lambda k: k[len("vit."):] if k.startswith("vit.") else k)])
   return load_module(lambda: ViTModel(cfg, rngs=nnx.Rngs(0)), tensors, vit_rules(cfg), source=path,
                      ignore=(r"^pooler\.", r"^classifier\."))
 
@@ -100,7 +100,7 @@ def lpips_from_files(backbone: str, heads: str, net: str = "alex", dtype=None) -
   """LPIPS from torchvision's backbone weights (e.g. alexnet-owt-7be5be79.pth, vgg16-397923af.pth,
   or a safetensors copy) and the lpips package's heads (weights/v0.1/alex.pth or vgg.pth)."""
   cfg = LPIPSConfig(net=net, **({} if dtype is None else {"dtype": str(dtype), "param_dtype": str(dtype)}))
-  tensors = _Renamed([(open_weights(backbone), lambda k: k if k.startswith("features.") else None),
+  tensors = Renamed([(open_weights(backbone), lambda k: k if k.startswith("features.") else None),
                       (open_weights(heads), lambda k: k if re.match(r"^lin\d+\.model\.1\.weight$", k) else None)])
   return load_module(lambda: LPIPS(cfg, rngs=nnx.Rngs(0)), tensors, lpips_rules(cfg),
                      source=f"{backbone} + {heads}")
@@ -108,10 +108,9 @@ def lpips_from_files(backbone: str, heads: str, net: str = "alex", dtype=None) -
 
 def clip_text_from_pretrained(path: str, dtype=None, **runtime):
   """A CLIPTextModel folder (e.g. an InstructPix2Pix pipeline's text_encoder/) -> ClipTextModel."""
-  from mgie_jax.models.clip import ClipTextModel
   hf = read_config(path)
-  _check_arch(path, hf, ("CLIPTextModel", "CLIPTextModelWithProjection"))
-  cfg = ClipTextConfig.from_hf(hf, **_runtime(dtype, runtime))
+  check_arch(path, hf, ("CLIPTextModel", "CLIPTextModelWithProjection"))
+  cfg = ClipTextConfig.from_hf(hf, **runtime_kwargs(dtype, runtime))
   return load_module(lambda: ClipTextModel(cfg, rngs=nnx.Rngs(0)), open_weights(path),
                      prefixed(clip_text_rules(), "text_model.", ""), source=path,
                      ignore=IGNORED + (r"^text_projection\.",))

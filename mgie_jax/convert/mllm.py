@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping
 
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import CheckpointError, open_weights, read_config
 from mgie_jax.convert.mapping import CONV, LINEAR, Rule, load_module, prefixed
+from mgie_jax.convert.torch_files import CheckpointError, open_weights, read_config, shape_of
 from mgie_jax.models.clip import ClipVisionConfig, ClipVisionModel
 from mgie_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -104,7 +104,7 @@ CLIP_EXTRAS = (r"^text_model\.", r"^(text|visual)_projection\.", r"^logit_scale$
 
 # --- key views -------------------------------------------------------------------------------
 
-class _Renamed(Mapping):
+class Renamed(Mapping):
   """A read-only view of a tensor mapping under other key names (new name -> old name)."""
 
   def __init__(self, parts: list[tuple[Mapping, callable]]):
@@ -120,7 +120,6 @@ class _Renamed(Mapping):
     return tensors[old]
 
   def shape(self, key):
-    from mgie_jax.convert.checkpoint import shape_of
     tensors, old = self._parts[key]
     return shape_of(tensors, old)
 
@@ -154,13 +153,13 @@ def _is_clip_extra(key: str) -> bool:
   return any(re.match(p, key) for p in CLIP_EXTRAS)
 
 
-def _check_arch(folder: str, hf: dict, allowed: tuple[str, ...]) -> None:
+def check_arch(folder: str, hf: dict, allowed: tuple[str, ...]) -> None:
   archs = hf.get("architectures") or []
   if archs and not set(archs) & set(allowed):
     raise CheckpointError(folder, [f"unknown architecture {archs} in config.json; this loader reads {list(allowed)}"])
 
 
-def _runtime(dtype, kw: dict) -> dict:
+def runtime_kwargs(dtype, kw: dict) -> dict:
   if dtype is not None:
     kw.setdefault("dtype", str(dtype.__name__ if hasattr(dtype, "__name__") else dtype))
     kw.setdefault("param_dtype", kw["dtype"])
@@ -177,9 +176,9 @@ LLAVA_V1_ARCHS = ("LlavaLlamaForCausalLM", "MGIELlavaLlamaForCausalLM")
 
 def clip_vision_from_pretrained(path: str, dtype=None, **runtime) -> ClipVisionModel:
   hf = read_config(path)
-  _check_arch(path, hf, CLIP_ARCHS)
-  cfg = ClipVisionConfig.from_hf(hf, **_runtime(dtype, runtime))
-  tensors = _Renamed([(open_weights(path), _strip_vision_model)])
+  check_arch(path, hf, CLIP_ARCHS)
+  cfg = ClipVisionConfig.from_hf(hf, **runtime_kwargs(dtype, runtime))
+  tensors = Renamed([(open_weights(path), _strip_vision_model)])
   ignore = IGNORED + CLIP_EXTRAS
   return load_module(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)), tensors, clip_vision_rules(),
                      source=path, ignore=ignore)
@@ -187,8 +186,8 @@ def clip_vision_from_pretrained(path: str, dtype=None, **runtime) -> ClipVisionM
 
 def llama_from_pretrained(path: str, dtype=None, **runtime) -> LlamaForCausalLM:
   hf = read_config(path)
-  _check_arch(path, hf, LLAMA_ARCHS)
-  cfg = LlamaConfig.from_hf(hf, **_runtime(dtype, runtime))
+  check_arch(path, hf, LLAMA_ARCHS)
+  cfg = LlamaConfig.from_hf(hf, **runtime_kwargs(dtype, runtime))
   ignore = IGNORED + ((r"^lm_head\.weight$",) if cfg.tie_word_embeddings else ())
   return load_module(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), open_weights(path),
                      llama_rules(cfg), source=path, ignore=ignore)
@@ -233,14 +232,14 @@ def llava_source(path: str, vision_tower: str | None = None, **runtime):
   path in config.json's `mm_vision_tower`).
   """
   hf = read_config(path)
-  _check_arch(path, hf, LLAVA_HF_ARCHS + LLAVA_V1_ARCHS)
+  check_arch(path, hf, LLAVA_HF_ARCHS + LLAVA_V1_ARCHS)
   tensors = open_weights(path)
   if _is_llava_hf(hf):
     cfg = llava_config_from_hf(hf, **runtime)
-    return cfg, _Renamed([(tensors, _legacy_llava_hf)]), llava_rules(cfg), IGNORED
+    return cfg, Renamed([(tensors, _legacy_llava_hf)]), llava_rules(cfg), IGNORED
   tower_keys = [k for k in tensors if k.startswith("model.vision_tower.")]
   if tower_keys:   # LLaVA-1.x folder that carries its own CLIP weights
-    tensors = _Renamed([(tensors, lambda k: _strip_vision_model(k, V1_TOWER))])
+    tensors = Renamed([(tensors, lambda k: _strip_vision_model(k, V1_TOWER))])
     if vision_tower is None:
       raise CheckpointError(path, ["this LLaVA folder holds CLIP weights but no CLIP config; "
                                    "pass vision_tower=<CLIP folder> for its config"])
@@ -252,10 +251,10 @@ def llava_source(path: str, vision_tower: str | None = None, **runtime):
           f"LLaVA v1 folder without CLIP weights; mm_vision_tower={hf.get('mm_vision_tower')!r} is not "
           "a local folder: pass vision_tower=<folder written by CLIPVisionModel.save_pretrained>"])
     vision_hf = read_config(vision_tower)
-    _check_arch(vision_tower, vision_hf, CLIP_ARCHS)
+    check_arch(vision_tower, vision_hf, CLIP_ARCHS)
     clip = open_weights(vision_tower)
     keep = lambda k: None if _is_clip_extra(k) else V1_TOWER + _strip_vision_model(k)
-    tensors = _Renamed([(tensors, lambda k: k), (clip, keep)])
+    tensors = Renamed([(tensors, lambda k: k), (clip, keep)])
   cfg = llava_config_from_hf(hf, vision_hf, **runtime)
   return cfg, tensors, llava_rules(cfg), IGNORED
 
@@ -263,6 +262,6 @@ def llava_source(path: str, vision_tower: str | None = None, **runtime):
 def llava_from_pretrained(path: str, dtype=None, *, vision_tower: str | None = None,
                           **runtime) -> LlavaForConditionalGeneration:
   """Load a LLaVA folder: transformers' llava-hf layout, or LLaVA v1 (MGIE's) layout (see llava_source)."""
-  cfg, tensors, rules, ignore = llava_source(path, vision_tower, **_runtime(dtype, runtime))
+  cfg, tensors, rules, ignore = llava_source(path, vision_tower, **runtime_kwargs(dtype, runtime))
   return load_module(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)), tensors, rules,
                      source=path, ignore=ignore)

@@ -5,7 +5,7 @@ or llava-hf) + CLIP, the SD (or InstructPix2Pix) UNet and VAE, optionally MGIE's
 `pretrained_plan` reads nothing: it checks every tensor's name and shape from the files' headers
 and returns, per parameter of the model, a loader that reads that one tensor (or one layer of
 a stacked one). Training places each parameter straight onto its sharding from its loader
-(mgie_jax.training.setup), export streams them to files (mgie_jax.convert.export);
+(mgie_jax.run.model), export streams them to files (mgie_jax.convert.writers);
 `load_pretrained` materialises the whole model on the host (tests, small models).
 """
 
@@ -21,6 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgie_jax.convert.diffusion import unet_plan, unet_plan_from_state_dict, vae_from_pretrained, vae_plan
+from mgie_jax.convert.mapping import plan_module
+from mgie_jax.convert.mllm import llava_source
+from mgie_jax.convert.release import edit_head_plan
+from mgie_jax.convert.torch_files import CheckpointError, open_weights, shape_of
 from mgie_jax.diffusion.schedule import NoiseSchedule
 from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
@@ -81,7 +86,7 @@ def _grown(load, vocab: int, axis: int, key) -> Loader:
 
 
 def load_vae(path: str, rt: dict) -> AutoencoderKL:
-  return AutoencoderKL.from_pretrained(path, **rt)
+  return vae_from_pretrained(path, **rt)
 
 
 def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
@@ -93,15 +98,10 @@ def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
     return NoiseSchedule.from_diffusers(json.load(f))
 
 
-def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
-  """Every parameter of the full MGIE with the loader that reads it (nothing is read here)."""
-  from mgie_jax.build import loss_options, runtime
-  from mgie_jax.convert.checkpoint import CheckpointError, open_weights
-  from mgie_jax.convert.diffusion import unet_plan, unet_plan_from_state_dict, vae_plan
-  from mgie_jax.convert.mapping import plan_module
-  from mgie_jax.convert.mgie import edit_head_plan
-  from mgie_jax.convert.mllm import llava_source
-  p, rt = c.pretrained, runtime(c)
+def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict) -> ModelPlan:
+  """Every parameter of the full MGIE with the loader that reads it (nothing is read here).
+  `rt`: the towers' dtypes; `loss`: the training-loss fields (both from mgie_jax.run.model)."""
+  p = c.pretrained
   if not p.llava or not p.sd:
     raise ValueError("config.pretrained.llava and config.pretrained.sd must name local folders")
   llava_cfg, tensors, rules, ignore = llava_source(p.llava, p.vision_tower or None, remat=c.model.remat,
@@ -138,7 +138,7 @@ def pretrained_plan(c, tok: LlamaTokenizer) -> ModelPlan:
   loaders.update(_from_plan(vae, "vae."))
   cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   **loss_options(c))
+                   **loss)
   abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
   params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   if params != set(loaders):
@@ -159,7 +159,6 @@ def _shape_of(model, path: str):
 
 def _check_embeddings(loaders, abstract, p):
   """mllm.pt's embed_tokens / lm_head must match the grown vocabulary (their shapes are read)."""
-  from mgie_jax.convert.checkpoint import CheckpointError, open_weights, shape_of
   if not p.mllm_pt:
     return
   mllm = open_weights(p.mllm_pt)
@@ -172,8 +171,3 @@ def _check_embeddings(loaders, abstract, p):
                       "(is the tokenizer the one the weights were trained with?)")
   if problems:
     raise CheckpointError(p.mllm_pt, problems)
-
-
-def load_pretrained(c, tok: LlamaTokenizer) -> MGIE:
-  """The full MGIE from local folders (config.pretrained), materialised on the host."""
-  return pretrained_plan(c, tok).materialize()

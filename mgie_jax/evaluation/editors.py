@@ -16,9 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgie_jax.convert import from_pretrained
+from mgie_jax.convert.metric_models import clip_text_from_pretrained
+from mgie_jax.core.images import clip_view, mgie_square, to_model_range
 from mgie_jax.diffusion import SamplerConfig, edit_images, make_sampler
 from mgie_jax.diffusion.schedule import NoiseSchedule
-from mgie_jax.images import clip_view, mgie_square, to_model_range
+from mgie_jax.inference import pipeline as inference
+from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
 
 
 @dataclasses.dataclass
@@ -89,10 +93,9 @@ class MGIEEditor(DiffusionEditor):
     self.max_new_tokens = max_new_tokens
 
   def conditions(self, images, instructions, references=None):
-    from mgie_jax import inference
     if self.reference and (references is None or not all(references)):
       raise ValueError(f"{self.name}: every example needs a reference expressive instruction")
-    size = inference.clip_size(self.model)
+    size = self.model.config.clip_size
     clip = np.stack([clip_view(mgie_square(im.convert("RGB")), size) for im in images])
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
     with ctx:
@@ -107,9 +110,8 @@ class MGIEEditor(DiffusionEditor):
     expressive instruction, [IMG0..7] and </s>), as the training loss sees them."""
     if not hasattr(self.model, "mllm") or not all(e.expressive for e in examples):
       return [{} for _ in examples]
-    from mgie_jax import inference
     norm = lambda t: " ".join(t.lower().split()).rstrip(".")
-    size = inference.clip_size(self.model)
+    size = self.model.config.clip_size
     clip = np.stack([clip_view(mgie_square(im.convert("RGB")), size) for im in images])
     acc = inference.teacher_forced_accuracy(self.model, self.tok, clip, [e.instruction for e in examples],
                                             [e.expressive for e in examples])
@@ -123,10 +125,8 @@ class InstructPix2PixEditor(DiffusionEditor):
 
   def __init__(self, name, folder, *, resolution=512, dtype=None):
     import transformers
-    from mgie_jax.convert.metric_models import clip_text_from_pretrained
-    from mgie_jax.models import AutoencoderKL, UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), dtype)
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), dtype)
+    unet = from_pretrained(UNet2DConditionModel, os.path.join(folder, "unet"), dtype)
+    vae = from_pretrained(AutoencoderKL, os.path.join(folder, "vae"), dtype)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
       noise = NoiseSchedule.from_diffusers(json.load(f))
     super().__init__(unet, vae, noise)

@@ -22,9 +22,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
-from mgie_jax.images import clip_view
+from mgie_jax.convert import from_pretrained
+from mgie_jax.convert.metric_models import lpips_from_files
+from mgie_jax.core.images import clip_view
+from mgie_jax.models.clip import ClipModel
+from mgie_jax.models.vit import ViTModel
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -151,7 +156,6 @@ class LPIPSMetric(Metric):
 
   def __init__(self, model, name: str = "lpips"):
     self.model, self.name = model, name
-    from flax import nnx
     self._fn = nnx.jit(lambda m, a, b: m(a, b))
 
   def prepare(self, gen, target, example):
@@ -165,7 +169,6 @@ class ClipImageMetric(Metric):
   name = "clip_i"
 
   def __init__(self, clip):
-    from flax import nnx
     self.clip = clip
     self.size = clip.vision_model.config.image_size
     self._fn = nnx.jit(lambda m, a, b: cosine(m.image_features(a).astype(jnp.float32),
@@ -183,7 +186,6 @@ class ClipTextMetric(Metric):
   needs_caption = True
 
   def __init__(self, clip, tokenizer, context: int = 77):
-    from flax import nnx
     self.clip, self.tokenizer, self.context = clip, tokenizer, context
     self.size = clip.vision_model.config.image_size
     self._fn = nnx.jit(lambda m, a, ids, mask: cosine(m.image_features(a).astype(jnp.float32),
@@ -203,7 +205,6 @@ class DinoMetric(Metric):
   name = "dino"
 
   def __init__(self, vit):
-    from flax import nnx
     self.vit = vit
     self._fn = nnx.jit(lambda m, a, b: cosine(m.cls_features(a).astype(jnp.float32),
                                               m.cls_features(b).astype(jnp.float32)))
@@ -259,7 +260,6 @@ def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tu
         raise ValueError(f"metric {name} needs the images' palette (synthetic data only)")
       out.append(PaletteMetric(name, palette))
     elif name in ("lpips", "lpips_vgg"):
-      from mgie_jax.convert.metric_models import lpips_from_files
       files = lpips_alex if name == "lpips" else lpips_vgg
       if len(files) != 2:
         raise ValueError(f"metric {name} needs its backbone and head weight files")
@@ -268,8 +268,7 @@ def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tu
       if not clip:
         raise ValueError(f"metric {name} needs a local CLIPModel folder")
       if clip_model is None:
-        from mgie_jax.models.clip import ClipModel
-        clip_model = ClipModel.from_pretrained(clip, dtype)
+        clip_model = from_pretrained(ClipModel, clip, dtype)
       if name == "clip_i":
         out.append(ClipImageMetric(clip_model))
       else:
@@ -278,8 +277,7 @@ def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tu
     elif name == "dino":
       if not dino:
         raise ValueError("metric dino needs a local ViT (DINO) folder")
-      from mgie_jax.models.vit import ViTModel
-      out.append(DinoMetric(ViTModel.from_pretrained(dino, dtype)))
+      out.append(DinoMetric(from_pretrained(ViTModel, dino, dtype)))
     else:
       raise ValueError(f"unknown metric {name!r}; known: {', '.join(ALL)}")
   return out

@@ -22,10 +22,11 @@ from collections import defaultdict
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from mgie_jax.images import decode_rgb
+from mgie_jax.core.images import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ class Example:
 
 def load_examples(data_dir: str, split: str, limit: int = 0) -> list[Example]:
   """A built evaluation set's split, ordered by session and turn (ipr2pr datasets read too)."""
-  import tensorflow_datasets as tfds
   source = tfds.builder_from_directory(data_dir).as_data_source(split)
   out = []
   for i in range(len(source)):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.core.parallel import constrain
 from mgie_jax.models import layers
 from mgie_jax.models.attention import dot_product_attention
-from mgie_jax.parallel import constrain
 
 ACT = ("batch", "length", "act_embed")
 
@@ -105,12 +105,6 @@ class ClipVisionModel(nnx.Module):
     self.pre_layrnorm = layers.layer_norm(d, "embed", eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
     self.layers = layers.stacked(lambda r: ClipEncoderLayer(cfg, r), cfg.num_hidden_layers, rngs)
     self.post_layernorm = layers.layer_norm(d, "embed", eps=eps, dtype=dt, param_dtype=pdt, rngs=rngs)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "ClipVisionModel":
-    """Load a local folder written by transformers' `save_pretrained` (see mgie_jax.convert.mllm)."""
-    from mgie_jax.convert.mllm import clip_vision_from_pretrained
-    return clip_vision_from_pretrained(path, dtype, **kwargs)
 
   def embeddings(self, pixel_values):
     b, h, w, c = pixel_values.shape
@@ -209,12 +203,6 @@ class ClipModel(nnx.Module):
     kw = dict(use_bias=False, dtype=vision.dtype, param_dtype=vision.param_dtype, rngs=rngs)
     self.visual_projection = layers.linear(vision.hidden_size, projection_dim, ("embed", "mlp"), **kw)
     self.text_projection = layers.linear(text.hidden_size, projection_dim, ("embed", "mlp"), **kw)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "ClipModel":
-    """Load a local folder written by transformers' CLIPModel.save_pretrained."""
-    from mgie_jax.convert.metric_models import clip_from_pretrained
-    return clip_from_pretrained(path, dtype, **kwargs)
 
   def image_features(self, pixel_values):
     """get_image_features: the projected, post-layernormed CLS state (not normalised)."""

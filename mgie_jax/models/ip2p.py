@@ -30,6 +30,9 @@ class IP2PConfig:
   edit_loss_weight: float = 1.0
   noise: NoiseSchedule = NoiseSchedule()
   min_snr_gamma: float = 0.0
+  # The CLIP view and MLLM token sequence the shared training loader still makes (unread here).
+  clip_size: int = 224
+  num_image_tokens: int = 0
 
   @property
   def num_train_timesteps(self) -> int:

@@ -1,7 +1,7 @@
 """Small building blocks that attach logical axis names to every parameter.
 
 Model code names logical axes only ("embed", "mlp", "heads", ...); the rules
-table in the config (mgie_jax.parallel) maps them to mesh axes.
+table in the config (mgie_jax.core.parallel) maps them to mesh axes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flax import nnx
 Axes = tuple
 
 
-# Parameters carry logical axis names only; mgie_jax.parallel places them on a mesh with explicit
+# Parameters carry logical axis names only; mgie_jax.core.parallel places them on a mesh with explicit
 # jit shardings. Eager sharding (flax's global default) would demand a mesh at construction time,
 # so each parameter turns it off itself rather than through flax's process-wide config.
 EAGER = dict(eager_sharding=False)

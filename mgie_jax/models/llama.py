@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.core.parallel import constrain
 from mgie_jax.models import layers
-from mgie_jax.parallel import constrain
 from mgie_jax.models.attention import causal_padding_mask, dot_product_attention, empty_kv_cache
 
 
@@ -198,12 +198,6 @@ class LlamaForCausalLM(nnx.Module):
       self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                                    std=cfg.initializer_range)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "LlamaForCausalLM":
-    """Load a local folder written by transformers' `save_pretrained` (see mgie_jax.convert.mllm)."""
-    from mgie_jax.convert.mllm import llama_from_pretrained
-    return llama_from_pretrained(path, dtype, **kwargs)
 
   def embed(self, input_ids):
     return self.model.embed_tokens(input_ids)

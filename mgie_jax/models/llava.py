@@ -85,12 +85,6 @@ class LlavaForConditionalGeneration(nnx.Module):
     self.multi_modal_projector = Projector(cfg, rngs)
     self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
 
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "LlavaForConditionalGeneration":
-    """Load a local folder written by transformers' `save_pretrained` (see mgie_jax.convert.mllm)."""
-    from mgie_jax.convert.mllm import llava_from_pretrained
-    return llava_from_pretrained(path, dtype, **kwargs)
-
   def image_features(self, pixel_values):
     """[B, 224, 224, 3] CLIP-normalised NHWC -> [B, num_image_tokens, text hidden]."""
     out = self.vision_tower(pixel_values, output_hidden_states=True)

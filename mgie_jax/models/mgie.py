@@ -44,6 +44,15 @@ class MGIEConfig:
   def num_train_timesteps(self) -> int:
     return self.noise.num_train_timesteps
 
+  @property
+  def clip_size(self) -> int:
+    """The side of the CLIP view of the input the MLLM reads."""
+    return self.llava.vision.image_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.llava.num_image_tokens
+
   def denominators(self, batch):
     """(target tokens, rows with an [IMG] window) of a whole batch: L_ins and L_edit divide by them."""
     return target_tokens(batch["labels"]), jnp.sum(has_img_window(batch["input_ids"], self.img_token_id))

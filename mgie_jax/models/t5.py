@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgie_jax.core.parallel import constrain
 from mgie_jax.models import layers
 from mgie_jax.models.attention import dot_product_attention, empty_kv_cache
-from mgie_jax.parallel import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class T5Config:
       hf["eos_token_id"] = hf["eos_token_id"][0]
     # transformers 4 wrote tie_word_embeddings=False for v1.1 / Flan-T5 and used it to mean "do not
     # rescale"; transformers 5 writes scale_decoder_outputs. Whether the head has its own matrix is
-    # decided by the checkpoint (mgie_jax.convert.t5), not by this flag.
+    # decided by the checkpoint (mgie_jax.convert.t5_weights), not by this flag.
     hf.setdefault("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     hf.pop("tie_word_embeddings", None)
     if hf.get("decoder_start_token_id") is None:
@@ -290,12 +290,6 @@ class T5ForConditionalGeneration(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "T5ForConditionalGeneration":
-    """Load a local transformers `T5ForConditionalGeneration` folder (see mgie_jax.convert.t5)."""
-    from mgie_jax.convert.t5 import t5_from_pretrained
-    return t5_from_pretrained(path, dtype, **kwargs)
 
   def encode(self, input_ids, attention_mask):
     return self.encoder(self.shared(input_ids), attention_mask)

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.core.parallel import constrain
 from mgie_jax.models import layers
-from mgie_jax.models.diffusion_blocks import (Downsample2D, ResnetBlock2D, Transformer2DModel,
-                                              Upsample2D, conv2d, group_norm)
-from mgie_jax.parallel import constrain
+from mgie_jax.models.diffusion_blocks import (Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, conv2d,
+                                              group_norm)
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -187,12 +187,6 @@ class UNet2DConditionModel(nnx.Module):
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = group_norm(boc[0], cfg.norm_num_groups, cfg.norm_eps, rngs, **kw)
     self.conv_out = conv2d(boc[0], cfg.out_channels, 3, rngs, **kw)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "UNet2DConditionModel":
-    """Load a diffusers folder (`save_pretrained`, or a pipeline's `unet/` subfolder)."""
-    from mgie_jax.convert.diffusion import unet_from_pretrained
-    return unet_from_pretrained(path, dtype, **kwargs)
 
   def __call__(self, sample, timesteps, encoder_hidden_states):
     """sample [B, H, W, in_channels], timesteps [B] or scalar, encoder_hidden_states [B, S, cross_dim]."""

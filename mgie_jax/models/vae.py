@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgie_jax.models.diffusion_blocks import (Attention, Downsample2D, ResnetBlock2D, Upsample2D,
-                                              conv2d, group_norm)
+from mgie_jax.models.diffusion_blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +159,6 @@ class AutoencoderKL(nnx.Module):
     lc = cfg.latent_channels
     self.quant_conv = conv2d(2 * lc, 2 * lc, 1, rngs, **kw) if cfg.use_quant_conv else None
     self.post_quant_conv = conv2d(lc, lc, 1, rngs, **kw) if cfg.use_post_quant_conv else None
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "AutoencoderKL":
-    """Load a diffusers folder (`save_pretrained`, or a pipeline's `vae/` subfolder)."""
-    from mgie_jax.convert.diffusion import vae_from_pretrained
-    return vae_from_pretrained(path, dtype, **kwargs)
 
   def encode(self, images) -> DiagonalGaussian:
     """images NHWC in [-1, 1] -> posterior over unscaled latents."""

@@ -10,9 +10,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.core.parallel import constrain
 from mgie_jax.models import layers
 from mgie_jax.models.attention import dot_product_attention
-from mgie_jax.parallel import constrain
 
 ACT = ("batch", "length", "act_embed")
 
@@ -81,12 +81,6 @@ class ViTModel(nnx.Module):
                                        stride=cfg.patch_size, padding="VALID", **kw)
     self.layers = layers.stacked(lambda r: ViTLayer(cfg, r), cfg.num_hidden_layers, rngs)
     self.layernorm = layers.layer_norm(d, "embed", eps=cfg.layer_norm_eps, **kw)
-
-  @classmethod
-  def from_pretrained(cls, path: str, dtype=None, **kwargs) -> "ViTModel":
-    """Load a local folder written by transformers' ViTModel.save_pretrained (e.g. DINO ViT-S/16)."""
-    from mgie_jax.convert.metric_models import vit_from_pretrained
-    return vit_from_pretrained(path, dtype, **kwargs)
 
   def __call__(self, pixel_values):
     """[B, H, W, 3] -> last_hidden_state [B, 1 + patches, D] after the final LayerNorm."""

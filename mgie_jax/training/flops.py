@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.models.layers import unrolled_layers
+
 PEAK_BF16_TFLOPS = {  # dense, per chip
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
     "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
@@ -38,7 +40,6 @@ def llama_flops(cfg, tokens: int) -> float:
 
 
 def _forward_flops(fn, module, *args) -> float:
-  from mgie_jax.models.layers import unrolled_layers
   graphdef, state = nnx.split(module)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   with unrolled_layers():     # XLA counts a scanned layer stack's body once

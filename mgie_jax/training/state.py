@@ -1,6 +1,6 @@
 """The sharded train state: trainable parameters (fp32 master copies), optimizer state, step, RNG.
 
-The model is split at the jit boundary into (graphdef, trainable, frozen) (mgie_jax.build).
+The model is split at the jit boundary into (graphdef, trainable, frozen) (mgie_jax.run.model).
 Trainable parameters and their optimizer state live in `TrainState` as plain dicts; the frozen
 towers are a separate argument stored in the compute dtype. Everything is placed on the mesh by
 the logical-axis rules.
@@ -8,16 +8,14 @@ the logical-axis rules.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mgie_jax import parallel
-from mgie_jax.build import ModelParts, cast_tree, split_model, trainable_filter  # noqa: F401
+from mgie_jax.run.model import Placement
 
 
 @struct.dataclass
@@ -29,21 +27,16 @@ class TrainState:
   ema: dict | None = None  # exponential moving average of `params` (train.ema_decay > 0), else None
 
 
-def shardings_of(template: nnx.State, mesh, rules) -> dict:
-  return nnx.to_pure_dict(parallel.state_shardings(template, mesh, rules))
-
-
-def state_shardings(parts: ModelParts, tx, mesh, rules, ema: bool = False):
-  """NamedShardings for (TrainState, frozen): optimizer moments and the EMA follow their parameters."""
-  param_sh = shardings_of(parts.trainable_template, mesh, rules)
-  replicated = NamedSharding(mesh, P())
+def state_shardings(placed: Placement, tx, ema: bool = False) -> TrainState:
+  """NamedShardings of the TrainState: optimizer moments and the EMA follow their parameters."""
+  param_sh = placed.trainable_sh
+  replicated = NamedSharding(placed.mesh, P())
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
-                                 nnx.to_pure_dict(parts.trainable_template))
+                                 nnx.to_pure_dict(placed.parts.trainable_template))
   opt_abstract = jax.eval_shape(tx.init, abstract_params)
   opt_sh = follow_params(opt_abstract, abstract_params, param_sh, replicated)
-  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
-                        ema=param_sh if ema else None)
-  return state_sh, shardings_of(parts.frozen_template, mesh, rules)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
+                    ema=param_sh if ema else None)
 
 
 def ema_decay_at(step, decay: float):
@@ -51,15 +44,6 @@ def ema_decay_at(step, decay: float):
   `decay` (diffusers' EMAModel), so a short run's average is not dominated by its random init."""
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def uses_ema(c) -> bool:
-  return float(c.train.get("ema_decay", 0.0)) > 0
-
-
-def inference_key(c) -> str:
-  """Which saved weights a run's readers use: the EMA when it kept one (it sampled and validated with it)."""
-  return "ema" if uses_ema(c) else "params"
 
 
 def start_ema(params: dict, shardings: dict) -> dict:

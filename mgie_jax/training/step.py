@@ -11,9 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mgie_jax import parallel
+from mgie_jax.core import parallel
 from mgie_jax.models.mgie import sample_draws
 from mgie_jax.training.state import update_ema
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mgie_jax.evaluation import editors, metrics as metrics_lib, sweep
+from mgie_jax.evaluation import editors
+from mgie_jax.evaluation import metrics as metrics_lib
+from mgie_jax.evaluation import sweep
 
 
 def validate(model, tok, data_dir: str, c, step: int, mesh, palette: dict | None = None):

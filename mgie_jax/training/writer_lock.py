@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from mgie_jax import errors, paths
+from mgie_jax.core import errors, paths
 
 FOLDER = "writer.lock"
 HEARTBEAT_S = 30.0

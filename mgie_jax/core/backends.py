@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 GOOGLE_PCI_VENDOR = "0x1ae0"
 
@@ -58,11 +59,10 @@ def skip_absent_tpu(environ=os.environ) -> str | None:
     return None
   if tpu_chips():
     return None
-  import sys
   value = platforms_without_tpu()
   jax = sys.modules.get("jax")
   if jax is None:          # JAX reads JAX_PLATFORMS when imported; importing it here would cost
-    environ["JAX_PLATFORMS"] = value     # JAX-free users of this package (mgie_jax.pytorch_edit)
+    environ["JAX_PLATFORMS"] = value     # JAX-free users of this package (mgie_jax.inference.pytorch_pipeline)
   elif not jax.config.jax_platforms:
     jax.config.update("jax_platforms", value)
   return value

@@ -21,6 +21,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mgie_jax.convert.diffusion import derived_rules
+from mgie_jax.convert.mapping import export_state_dict
+from mgie_jax.convert.save import save_diffusers, vae_config
 from mgie_jax.models.vae import AutoencoderKL, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,5 @@ def psnr(vae, images: np.ndarray, batch: int = 64) -> float:
 
 def save_vae(vae: AutoencoderKL, folder: str) -> str:
   """A diffusers AutoencoderKL folder that AutoencoderKL.from_pretrained (ours or diffusers') loads."""
-  from mgie_jax.convert.diffusion import derived_rules
-  from mgie_jax.convert.mapping import export_state_dict
-  from mgie_jax.convert.save import save_diffusers, vae_config
   save_diffusers(export_state_dict(vae, derived_rules(vae), dtype=np.float32), vae_config(vae.config), folder)
   return folder

@@ -2,11 +2,11 @@
 
 Needs torch, transformers and diffusers only (no JAX is imported):
 
-  from mgie_jax.pytorch_edit import MGIEPipeline
+  from mgie_jax.inference.pytorch_pipeline import MGIEPipeline
   pipe = MGIEPipeline.from_export("/exports/mgie")          # llava-hf/, diffusers/, mgie/mllm.pt
   image, text = pipe.edit(Image.open("photo.jpg"), "make it blue", steps=100, seed=0)
 
-The steps are `mgie_jax.inference`'s: transformers' LLaVA writes the expressive instruction
+The steps are `mgie_jax.inference.pipeline`'s: transformers' LLaVA writes the expressive instruction
 greedily (no repeated 3-grams, stopping at </s> or [IMG0]); the prompt, that text and [IMG0..7]
 are run once more to read the last-layer states of the [IMG] window (from one token before
 [IMG0]); the edit head (`EditHead`, loaded from mllm.pt's `edit_head.*` and `emb`) turns them into
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mgie_jax.images import clip_view, mgie_square, to_model_range
+from mgie_jax.core.images import clip_view, mgie_square, to_model_range
 from mgie_jax.text.template import img_window_start, prompt_text
 from mgie_jax.text.tokenizer import IMG_TOKENS
 

@@ -6,9 +6,9 @@ import re
 
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import open_weights
 from mgie_jax.convert.mapping import IDENTITY, LINEAR, Rule, load_module, plan_module, prefixed
 from mgie_jax.convert.mllm import linear_rules, norm_rules
+from mgie_jax.convert.torch_files import open_weights
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 
 

@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from mgie_jax.inference.beam import generate
+from mgie_jax.inference.greedy import greedy_chunks
 from mgie_jax.text.template import SYSTEM, check_image_tokens, image_placeholder, pad_batch
 
 QUESTION = "what will this image be like if '{instruction}'  (in a short paragraph)"   # two spaces, sic
@@ -64,7 +66,6 @@ def llava_answers(llava, tok, clip_images, instructions, *, max_new_tokens: int 
   """Raw answers (decoded text before clean-up, cut at `</s>`) and the number of tokens decoded
   per row. `early_stop=False` decodes to the end (every row at `</s>` or max_new_tokens).
   Prompts are left-padded to a multiple of `pad_multiple`: few shapes, few compilations."""
-  from mgie_jax.generate import greedy_chunks
   cfg = llava.config
   prompts = [tok.encode(prompt_text(i, cfg.num_image_tokens)) for i in instructions]
   ids, mask = pad_batch(prompts, _bucket(max(map(len, prompts)), pad_multiple), pad_id=0, side="left")
@@ -115,7 +116,6 @@ class SummarizerSettings:
 
 
 def summaries(t5, t5_tok, texts, settings: SummarizerSettings, pad_multiple: int = 32) -> list[str]:
-  from mgie_jax.beam_search import generate
   prompts = [settings.prefix + SUMMARY_PROMPT.format(text=t) for t in texts]
   rows = [t5_tok.encode(p) for p in prompts]
   ids, mask = pad_batch(rows, _bucket(max(map(len, rows)), pad_multiple), pad_id=t5_tok.pad_id, side="right")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flax import nnx
 
-from mgie_jax.convert.checkpoint import open_weights, read_config
 from mgie_jax.convert.mapping import LINEAR, Rule, load_module
-from mgie_jax.convert.mllm import _check_arch, _runtime
+from mgie_jax.convert.mllm import check_arch, runtime_kwargs
+from mgie_jax.convert.torch_files import open_weights, read_config
 from mgie_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
 T5_ARCHS = ("T5ForConditionalGeneration",)
@@ -50,7 +50,7 @@ def t5_rules(cfg: T5Config) -> list[Rule]:
 
 def t5_config(path: str, **runtime) -> T5Config:
   hf = read_config(path)
-  _check_arch(path, hf, T5_ARCHS)
+  check_arch(path, hf, T5_ARCHS)
   return T5Config.from_hf(hf, **runtime)
 
 
@@ -59,6 +59,6 @@ def t5_from_pretrained(path: str, dtype=None, **runtime) -> T5ForConditionalGene
   # A checkpoint that stores lm_head.weight has its own head (v1.1 / Flan-T5; transformers 5 also
   # writes the tied copy); one without it uses the embedding.
   tied = "lm_head.weight" not in set(tensors)
-  cfg = t5_config(path, **_runtime(dtype, {**runtime, "tie_word_embeddings": tied}))
+  cfg = t5_config(path, **runtime_kwargs(dtype, {**runtime, "tie_word_embeddings": tied}))
   return load_module(lambda: T5ForConditionalGeneration(cfg, rngs=nnx.Rngs(0)), tensors,
                      t5_rules(cfg), source=path, ignore=IGNORED)

@@ -8,9 +8,10 @@
              written exactly: identity activation, identity second Linear) with processor files
   diffusers  an InstructPix2Pix pipeline folder (unet/, vae/, scheduler/, model_index.json)
 
-`TrainedSource` reads a checkpoint's trained parameters one module at a time (numpy, no device)
-and the frozen ones from where the run took them (pretrained folders, one tensor at a time, or
-the seeded initialisation of a small model), so an export never holds the model twice.
+Writers read parameters from a `source` (mgie_jax.run.workdir.TrainedSource for a run on disk):
+`get(path)` one parameter in our layout (numpy), `layers(path, n)` its per-layer slices, `shape(path)`,
+`release()` to drop what it cached, and `model_config`, `abstract` (the model's structure), `tok`,
+`sd_folder` (the pretrained SD folder, or ""). Only one module's tensors are held at a time.
 """
 
 from __future__ import annotations
@@ -20,96 +21,19 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from flax import nnx
 
-from mgie_jax import build as build_lib
+from mgie_jax.convert.diffusion import derived_rules
 from mgie_jax.convert.mapping import Rule, prefixed
+from mgie_jax.convert.mllm import V1_TOWER, clip_vision_rules, llava_rules
+from mgie_jax.convert.release import edit_head_rules
 from mgie_jax.convert.save import DIFFUSERS_VERSION, save_diffusers, save_sharded, unet_config, vae_config
 from mgie_jax.text import IMG_TOKENS, MGIE_TOKENS, LlamaTokenizer
-from mgie_jax.training import checkpoint as ckpt_lib
-from mgie_jax.training.state import inference_key
 
 FORMATS = ("mgie", "llava-v1", "llava-hf", "diffusers")
 
 
-class TrainedSource:
-  """Every parameter of checkpoint `step` of `workdir`, in our layout, read when asked."""
-
-  def __init__(self, workdir, step: int):
-    from mgie_jax import trained as trained_lib
-    self.workdir, self.step = str(workdir), step
-    self.config = c = trained_lib.saved_config(workdir, step)
-    self.tok_dir = build_lib.tokenizer_dir(c, self.workdir)
-    self.tok = LlamaTokenizer.from_pretrained(self.tok_dir)
-    self.built = build_lib.build(c, self.tok, self.workdir)
-    self.parts = build_lib.split_model(self.built.abstract, c.trainable)
-    self.trainable = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(self.parts.trainable_template)}
-    self._cache: dict = {}
-    self.key = inference_key(c)
-    self._seeded = None
-    self._shapes = nnx.to_pure_dict(nnx.state(self.built.abstract))
-
-  @property
-  def model_config(self):
-    return self.built.config
-
-  def _restore(self, top: str) -> dict:
-    """The trained parameters of one top-level module, as numpy (fp32), cached until `release`."""
-    if top not in self._cache:
-      meta = ckpt_lib.state_metadata(ckpt_lib.checkpoint_dir(self.workdir), self.step)[self.key][top]
-      item = {self.key: {top: jax.tree.map(lambda m: np.zeros((), np.float32), meta,
-                                           is_leaf=lambda x: hasattr(x, "shape"))}}
-      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-      path = ckpt_lib.checkpoint_dir(self.workdir) / str(self.step) / "state"
-      out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(item, restore_args=args,
-                                                                               partial_restore=True))
-      self._cache[top] = out[self.key][top]
-    return self._cache[top]
-
-  def release(self):
-    self._cache.clear()
-
-  def _frozen(self, path: str) -> np.ndarray:
-    top = path.split(".")[0]
-    if self.built.plan is not None:
-      return np.asarray(self.built.plan.loaders[path].full())
-    if top in self.built.loaded:
-      return _get(nnx.to_pure_dict(nnx.state(self.built.loaded[top])), path.split(".")[1:])
-    if self._seeded is None:     # a small random-init model: its frozen towers are the seeded init
-      c = self.config
-      model = self.built.cls(self.built.config, rngs=nnx.Rngs(c.seed))
-      _, _, frozen = nnx.split(model, build_lib.trainable_filter(c.trainable), ...)
-      self._seeded = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen))
-    return _get(self._seeded, path.split("."))
-
-  def get(self, path: str) -> np.ndarray:
-    """A parameter by our dotted path, from the checkpoint if trained, else from its source."""
-    if path in self.trainable:
-      return np.asarray(_get(self._restore(path.split(".")[0]), path.split(".")[1:]))
-    return self._frozen(path)
-
-  def layers(self, path: str, n: int):
-    """The slices of a parameter stacked over layers; a frozen one read one layer at a time."""
-    if path not in self.trainable and self.built.plan is not None and self.built.plan.loaders[path].layer:
-      loader = self.built.plan.loaders[path]
-      return (np.asarray(loader.layer(i)) for i in range(n))
-    arr = self.get(path)
-    return (arr[i] for i in range(arr.shape[0]))
-
-  def shape(self, path: str) -> tuple:
-    return tuple(_get(self._shapes, path.split(".")).shape)
-
-
-def _get(tree, keys):
-  for k in keys:
-    tree = tree[int(k)] if isinstance(tree, (list, tuple)) else tree[k if k in tree else int(k)]
-  return tree
-
-
-def tensors(source: TrainedSource, rules: list[Rule], dtype, prefix: str = ""):
+def tensors(source, rules: list[Rule], dtype, prefix: str = ""):
   """(torch key, array) for each rule: our parameter `prefix + rule.ours` -> the torch layout."""
   for rule in rules:
     if rule.stacked:
@@ -126,13 +50,11 @@ def _cast(x, dtype):
 
 # --- mgie: mllm.pt + unet.pt ----------------------------------------------------------------------
 
-def write_mgie(source: TrainedSource, out: str, dtype="float16") -> list[str]:
+def write_mgie(source, out: str, dtype="float16") -> list[str]:
   """The official demo's two files. mllm.pt: model.embed_tokens.weight and lm_head.weight (every
   row: all are trained), edit_head.* under the official module names, emb = the input embeddings
   of [IMG0..7] as [1, 8, D]; unet.pt: the 8-channel UNet's diffusers state dict, no prefix."""
   import torch
-  from mgie_jax.convert.diffusion import derived_rules
-  from mgie_jax.convert.mgie import edit_head_rules
   cfg = source.model_config
   to_torch = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}
   embed = source.get("mllm.language_model.model.embed_tokens.embedding").astype(dtype)
@@ -147,7 +69,7 @@ def write_mgie(source: TrainedSource, out: str, dtype="float16") -> list[str]:
     json.dump(dataclasses.asdict(cfg.edit_head), f, indent=1)
   del mllm, embed
   source.release()
-  unet_rules = derived_rules(source.built.abstract.unet)
+  unet_rules = derived_rules(source.abstract.unet)
   torch.save(to_torch(dict(tensors(source, unet_rules, dtype, "unet."))), os.path.join(out, "unet.pt"))
   source.release()
   return ["mllm.pt", "unet.pt", "edit_head.json"]
@@ -199,9 +121,8 @@ def write_tokenizer(tok: LlamaTokenizer, out: str) -> None:
                "additional_special_tokens": list(MGIE_TOKENS)}, f, indent=1)
 
 
-def write_clip(source: TrainedSource, out: str, dtype) -> str:
+def write_clip(source, out: str, dtype) -> str:
   """The vision tower as a transformers CLIPVisionModel folder."""
-  from mgie_jax.convert.mllm import clip_vision_rules
   cfg = source.model_config.llava.vision
   os.makedirs(out, exist_ok=True)
   rules = prefixed(clip_vision_rules(), "vision_model.", "")
@@ -211,12 +132,11 @@ def write_clip(source: TrainedSource, out: str, dtype) -> str:
   return out
 
 
-def write_llava_v1(source: TrainedSource, out: str, dtype="float16", max_shard_bytes: int = 5 << 30,
+def write_llava_v1(source, out: str, dtype="float16", max_shard_bytes: int = 5 << 30,
                    final: str | None = None) -> list[str]:
   """LLaVA v1 as MGIE and the official code load it. A v1 folder holds no CLIP weights: the vision
   tower goes to its clip/ subfolder, which config.json's mm_vision_tower names (by the folder's
   `final` path, where it will live)."""
-  from mgie_jax.convert.mllm import V1_TOWER, llava_rules
   cfg = source.model_config.llava
   v1 = dataclasses.replace(cfg, layout="v1")
   rules = [r for r in llava_rules(v1) if not r.torch.startswith(V1_TOWER)]
@@ -238,10 +158,9 @@ def write_llava_v1(source: TrainedSource, out: str, dtype="float16", max_shard_b
   return files
 
 
-def write_llava_hf(source: TrainedSource, out: str, dtype="float16", max_shard_bytes: int = 5 << 30) -> list[str]:
+def write_llava_hf(source, out: str, dtype="float16", max_shard_bytes: int = 5 << 30) -> list[str]:
   """transformers' LlavaForConditionalGeneration. Its projector has two Linears: a v1 single
   Linear is written exactly as Linear -> identity activation ("linear") -> identity Linear."""
-  from mgie_jax.convert.mllm import llava_rules
   cfg = source.model_config.llava
   hf_cfg = dataclasses.replace(cfg, layout="hf", projector="mlp2x_gelu")
   rules = [r for r in llava_rules(hf_cfg) if cfg.projector != "linear" or "linear_2" not in r.torch]
@@ -278,13 +197,12 @@ def write_llava_hf(source: TrainedSource, out: str, dtype="float16", max_shard_b
 
 # --- diffusers -----------------------------------------------------------------------------------
 
-def write_diffusers(source: TrainedSource, out: str, dtype="float16") -> list[str]:
+def write_diffusers(source, out: str, dtype="float16") -> list[str]:
   """An InstructPix2Pix pipeline folder: the trained UNet, the VAE, the scheduler on the model's
   noise schedule; text_encoder/ and tokenizer/ copied from the pretrained SD folder when it has
   them (else load the pipeline with text_encoder=None, tokenizer=None and pass prompt_embeds)."""
-  from mgie_jax.convert.diffusion import derived_rules
   cfg = source.model_config
-  abstract = source.built.abstract
+  abstract = source.abstract
   save_diffusers(dict(tensors(source, derived_rules(abstract.unet), dtype, "unet.")), unet_config(cfg.unet),
                  os.path.join(out, "unet"))
   source.release()
@@ -304,7 +222,7 @@ def write_diffusers(source: TrainedSource, out: str, dtype="float16") -> list[st
            "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"], "text_encoder": [None, None],
            "tokenizer": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
            "image_encoder": [None, None], "requires_safety_checker": False}
-  sd = build_lib.pretrained(source.config, "sd")
+  sd = source.sd_folder
   for name, cls in (("text_encoder", ["transformers", "CLIPTextModel"]), ("tokenizer", ["transformers", "CLIPTokenizer"])):
     if sd and os.path.isdir(os.path.join(sd, name)):
       shutil.copytree(os.path.join(sd, name), os.path.join(out, name), dirs_exist_ok=True)

@@ -4,7 +4,7 @@ stderr with exit code 2 (`--verbose` re-raises for the traceback)."""
 import argparse
 import sys
 
-from mgie_jax import errors
+from mgie_jax.core import errors
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,14 +1,15 @@
 """Mistakes a user can make, each with one line that says what is wrong and what to do.
 
-Commands raise `UserError`; `mgie_jax.cli` prints its one line to stderr and exits with code 2
+Commands raise `UserError`; `mgie_jax.core.cli` prints its one line to stderr and exits with code 2
 (a traceback only with --verbose). Every message is a `Problem` in `CATALOGUE`, so the README's
-"Common errors" section is generated from the same text (`python -m mgie_jax.errors`).
+"Common errors" section is generated from the same text (`python -m mgie_jax.core.errors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 
 
 class UserError(Exception):
@@ -126,7 +127,6 @@ def nearest(name: str, candidates, n: int = 3) -> str:
 
 def markdown() -> str:
   """The README's "Common errors" table."""
-  import re
   rows = ["| error | what it says | what to do |", "|---|---|---|"]
   cell = lambda s: re.sub(r"\{(\w+)(![rs])?\}", r"<\1>", " ".join(s.split())).replace("|", "\\|")
   for p in CATALOGUE:

@@ -3,13 +3,16 @@ built or compiled: every mistake a user can make becomes one UserError line."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 from etils import epath
 
-from mgie_jax import errors, parallel
-from mgie_jax.build import pretrained
+from mgie_jax.core import errors, parallel
+from mgie_jax.diffusion.samplers import KINDS
+from mgie_jax.diffusion.schedule import NoiseSchedule
+from mgie_jax.run.model import config_rules, pretrained
 
 
 def mesh_sizes(mesh: dict, devices: int) -> dict:
@@ -35,7 +38,7 @@ def batch_ways(sizes: dict, rules) -> int:
 
 def check_batch(c, devices: int, processes: int) -> None:
   sizes = mesh_sizes(dict(c.mesh), devices)
-  ways = batch_ways(sizes, c.rules)
+  ways = batch_ways(sizes, config_rules(c))
   b, accum = int(c.train.batch_size), int(c.train.grad_accum)
   if accum < 1:
     raise errors.BAD_OPTION(flag="--config.train.grad_accum", detail=f"{accum}", fix="use 1 or more")
@@ -57,7 +60,6 @@ def check_dataset(path: str, name: str, splits=("train",), extra: str = "") -> N
   p = epath.Path(path)
   if not (p / "dataset_info.json").exists():
     raise errors.NOT_A_DATASET(name=name, path=path, extra=extra)
-  import json
   info = json.loads((p / "dataset_info.json").read_text())
   have = [s.get("name") for s in info.get("splits", [])]
   for split in splits:
@@ -88,13 +90,11 @@ def check_training_config(c, devices: int, processes: int) -> None:
   if not 0.0 <= float(c.train.get("ema_decay", 0.0)) < 1.0:
     raise errors.BAD_OPTION(flag="--config.train.ema_decay", detail=f"{c.train.ema_decay}",
                             fix="use 0 (no EMA) or a decay below 1, e.g. 0.999")
-  from mgie_jax.diffusion.samplers import KINDS
   sampler = c.get("eval", {}).get("sampler", "euler_ancestral")
   if sampler not in KINDS:
     raise errors.BAD_OPTION(flag="--config.eval.sampler", detail=repr(sampler), fix=f"use one of {', '.join(KINDS)}")
   noise = dict(c.model.get("noise", None) or {})
   if noise:                # the schedule's own checks, made before any model is built
-    from mgie_jax.diffusion.schedule import NoiseSchedule
     try:
       NoiseSchedule(**noise)
     except (TypeError, ValueError) as e:

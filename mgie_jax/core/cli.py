@@ -4,12 +4,19 @@ progress bar."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+import os
 import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mgie_jax import errors
+from mgie_jax.core import errors
 
 flags.DEFINE_bool("verbose", False, "show tracebacks for user errors")
 
@@ -89,7 +96,6 @@ def _parse(argv):
     if verbose:
       raise
     path = _config_path(argv)
-    import os
     detail = ("no such file" if not os.path.isfile(path.partition(":")[0])
               else f"{type(e).__name__}: {e}".splitlines()[0])
     err = errors.CONFIG_FILE(path=path, detail=detail)
@@ -117,7 +123,6 @@ def _config_value(argv, name: str):
   path = _config_path(argv, name)
   if path == "?":
     return None
-  import importlib.util
   file, _, arg = path.partition(":")
   try:
     spec = importlib.util.spec_from_file_location(f"_cli_{name}", file)
@@ -150,8 +155,6 @@ def run(main):
 
 def quiet_libraries(level=None):
   """Orbax, grain and JAX log every file and backend they touch; commands show their own lines."""
-  import logging
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR if level is None else level)
   for name in ("absl", "jax", "orbax"):
     logging.getLogger(name).setLevel(logging.ERROR if level is None else level)
@@ -164,14 +167,11 @@ def interactive(lead: bool = True) -> bool:
 
 
 def progress(total: int, desc: str, lead: bool = True, initial: int = 0):
-  from tqdm import tqdm
   return tqdm(total=total, initial=initial, disable=not interactive(lead), desc=desc, dynamic_ncols=True)
 
 
 def log_through(bar_enabled: bool):
   """A context in which logging goes through tqdm (log lines do not tear the progress bar)."""
-  import contextlib
   if not bar_enabled:
     return contextlib.nullcontext()
-  from tqdm.contrib.logging import logging_redirect_tqdm
   return logging_redirect_tqdm()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 
 import flax.linen as nn
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,6 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
                      process_id: int | None = None) -> None:
   """jax.distributed from explicit flags (CPU processes talk over gloo), or from the environment
   of a TPU pod / SLURM job / JAX_COORDINATOR_ADDRESS; a single process needs nothing."""
-  import os
   if coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgie_jax.generate import banned_ngram_tokens
+from mgie_jax.inference.greedy import banned_ngram_tokens
 
 NEG = -1.0e9   # transformers' "very large negative" for beams that may not be chosen
 

@@ -10,16 +10,16 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from mgie_jax.core.images import clip_view, mgie_square, to_model_range
 from mgie_jax.diffusion import SamplerConfig, edit_images, make_sampler
-from mgie_jax.generate import greedy_generate
-from mgie_jax.images import clip_view, mgie_square, to_model_range
-from mgie_jax.text import IMG_TOKENS, check_image_tokens, img_window_start, pad_batch, prompt_text
+from mgie_jax.inference.greedy import greedy_generate
+from mgie_jax.text import (IGNORE_INDEX, IMG_TOKENS, check_image_tokens, img_window_start, pad_batch, prompt_text,
+                           training_example)
 
 
 def prepare(images, resolution: int, clip_resolution: int):
@@ -74,7 +74,6 @@ def _conditions(model, ids, mask, clip_images):
 def teacher_forced_accuracy(model, tok, clip_images, instructions, references) -> np.ndarray:
   """Per example: the share of the reference answer's tokens (expressive instruction, [IMG0..7],
   </s>) that the MLLM predicts, teacher-forced, as L_ins scores them."""
-  from mgie_jax.text import IGNORE_INDEX
   exs = _reference_sequences(model, tok, instructions, references)
   length = max(len(e.input_ids) for e in exs)
   ids, mask = pad_batch([e.input_ids for e in exs], length, pad_id=0, side="right")
@@ -93,7 +92,6 @@ def _token_hits(model, ids, mask, labels, clip_images):
 
 def _reference_sequences(model, tok, instructions, references):
   """Training's sequences (prompt, reference expressive instruction, [IMG0..7], </s>), uncut."""
-  from mgie_jax.text import training_example
   n_img = model.config.llava.num_image_tokens
   return [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6)
           for i, r in zip(instructions, references)]
@@ -133,11 +131,6 @@ def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 9
   return list(instructions), cond, null
 
 
-def clip_size(model) -> int:
-  """The CLIP view's size an editor reads (224 for MGIE; unused by the text-only baseline)."""
-  return model.config.llava.vision.image_size if hasattr(model, "mllm") else 224
-
-
 def default_sampler(model, kind: str = "euler_ancestral") -> SamplerConfig:
   """MGIE's sampler (Euler-ancestral) on the noise schedule the model was trained with."""
   return SamplerConfig(kind=kind, schedule=model.config.noise)
@@ -148,7 +141,7 @@ def edit(model, tok, images, instructions, *, key, resolution: int = 512, steps:
          max_new_tokens: int = 96):
   """Edit PIL `images` by terse `instructions`; returns (uint8 [B, R, R, 3] edited images, texts).
   `sampler` defaults to Euler-ancestral on the model's own noise schedule."""
-  pixels, clip = prepare(images, resolution, clip_size(model))
+  pixels, clip = prepare(images, resolution, model.config.clip_size)
   texts, cond, null = conditions(model, tok, clip, instructions, max_new_tokens=max_new_tokens)
   sampler = make_sampler(sampler or default_sampler(model), steps)
   out = edit_images(model.unet, model.vae, sampler, jnp.asarray(pixels), cond, null, key=key,
@@ -180,7 +173,6 @@ def wrap_text(draw, text: str, width: int) -> list[str]:
 def sample_grid(inputs, outputs, texts, instructions, cell: int = 192) -> Image.Image:
   """A PNG-able grid: one row per example (input | edit), captioned with both instructions,
   wrapped to the row's width."""
-  from PIL import ImageDraw
   line_h, pad, width = 12, 4, 2 * cell
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   captions = [[(line, (0, 0, 0)) for line in wrap_text(measure, f"instruction: {i}", width - 2 * pad)] +

@@ -1,7 +1,9 @@
-"""The model's structure from an ml_collections config: random initialisation (tiny configs), local
-pretrained folders (the full recipe), or random towers with some parts loaded (e.g. the tiny
-config's trained VAE). `config.model.kind` is "mgie" (default) or "ip2p" (the text-only
-InstructPix2Pix baseline). Training, inference, evaluation and export all build the model here."""
+"""The one place a config becomes a model: its structure (random initialisation for tiny configs,
+local pretrained folders for the full recipe, or random towers with some parts loaded, e.g. the
+tiny config's trained VAE), the split into trainable and frozen parameters, their placement on a
+mesh, and their values (from the seed or from the files). `config.model.kind` is "mgie" (default)
+or "ip2p" (the text-only InstructPix2Pix baseline). Training, inference, evaluation, export and
+the AOT compiler all build the model here."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.convert import pretrained as pretrained_lib
+from mgie_jax.core import parallel
 from mgie_jax.diffusion.schedule import NoiseSchedule
-from mgie_jax.models import (ClipVisionConfig, LlamaConfig, LlavaConfig, UNetConfig, VAEConfig)
+from mgie_jax.models import ClipVisionConfig, LlamaConfig, LlavaConfig, UNetConfig, VAEConfig
 from mgie_jax.models.clip import ClipTextConfig
 from mgie_jax.models.edit_head import EditHeadConfig
 from mgie_jax.models.ip2p import InstructPix2Pix, IP2PConfig
@@ -32,8 +36,7 @@ def noise_schedule(c) -> NoiseSchedule:
   if given:
     return NoiseSchedule(**given)
   if pretrained(c, "sd"):
-    from mgie_jax.convert.pretrained import sd_noise_schedule
-    found = sd_noise_schedule(pretrained(c, "sd"))
+    found = pretrained_lib.sd_noise_schedule(pretrained(c, "sd"))
     if found is not None:
       return found
   return NoiseSchedule()
@@ -74,7 +77,8 @@ def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PCon
                         attention_impl=m.attention_impl)
   return IP2PConfig(text=text, unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
                     vae=vae or VAEConfig(**dict(m.vae), **rt), bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    text_length=int(c.data.text_length), **loss_options(c))
+                    text_length=int(c.data.text_length), clip_size=m.vision.image_size,
+                    num_image_tokens=(m.vision.image_size // m.vision.patch_size) ** 2, **loss_options(c))
 
 
 def model_kind(c) -> str:
@@ -106,7 +110,6 @@ def synthetic_vae_dir(workdir) -> str:
 def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
   """The model a config describes; loads the pretrained parts it names (a "synthetic" VAE from
   `workdir`)."""
-  from mgie_jax.convert import pretrained as pretrained_lib
   if c.model.init == "random":
     loaded = {}
     vae_cfg = None
@@ -125,12 +128,12 @@ def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
     return Built(cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(c.seed))), None, loaded)
   if c.model.init != "pretrained":
     raise ValueError(f"config.model.init must be 'random' or 'pretrained', got {c.model.init!r}")
-  plan = pretrained_lib.pretrained_plan(c, tok)
+  plan = pretrained_lib.pretrained_plan(c, tok, runtime(c), loss_options(c))
   return Built(plan.config, plan.abstract, plan)
 
 
 class MGIEVocab:
-  """The ids MGIE's tokenizer gives its special tokens (DESIGN.md 1.1), for building shapes where
+  """The ids MGIE's tokenizer gives its special tokens (docs/design.md, "Vocabulary"), for building shapes where
   no tokenizer file is at hand (mgie_jax.compile)."""
   ids = {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002,
          **{f"[IMG{i}]": 32003 + i for i in range(8)}}
@@ -219,26 +222,66 @@ def cast_tree(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def frozen_params(c, built: Built, parts: ModelParts, shardings: dict, mesh) -> dict:
-  """The frozen towers, placed on `mesh`: rebuilt from their source (they are not checkpointed):
-  the seeded initialisation of a random config with loaded parts swapped in, or the pretrained
-  weights."""
+# --- values: from the seed or from the files, placed on a mesh ------------------------------------
+
+@dataclasses.dataclass
+class Placement:
+  """Where a built model's parameters live: the mesh, the logical-axis rules, the trainable /
+  frozen split and each part's shardings (pure dicts of NamedSharding)."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  parts: ModelParts
+  trainable_sh: dict
+  frozen_sh: dict
+
+
+def config_rules(c) -> tuple:
+  """The config's logical-axis rules (c.rules), or mgie_jax's defaults when it names none."""
+  rules = c.get("rules", None) or parallel.DEFAULT_RULES
+  return tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rules)
+
+
+def place(c, built: Built, devices=None) -> Placement:
+  """The config's mesh (c.mesh) over `devices` (default: all) and the shardings of both parts."""
+  mesh = parallel.make_mesh(**dict(c.mesh), devices=devices)
+  rules = config_rules(c)
+  parts = split_model(built.abstract, c.trainable)
+  return Placement(mesh, rules, parts,
+                   nnx.to_pure_dict(parallel.state_shardings(parts.trainable_template, mesh, rules)),
+                   nnx.to_pure_dict(parallel.state_shardings(parts.frozen_template, mesh, rules)))
+
+
+def seeded_split(c, built: Built) -> tuple[dict, dict]:
+  """(trainable, frozen) of the seeded random initialisation, as pure dicts (traceable)."""
+  model = built.cls(built.config, rngs=nnx.Rngs(c.seed))
+  _, trainable, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
+  return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+
+def trainable_params(c, built: Built, placed: Placement, dtype=jnp.float32) -> dict:
+  """The trainable parameters' starting values on their shardings: each tensor from its file
+  (pretrained), or the seeded initialisation computed on the devices."""
+  if built.plan is not None:
+    return parallel.place_tree(built.plan.loaders, nnx.to_pure_dict(placed.parts.trainable_template),
+                               placed.trainable_sh, dtype)
+  with jax.set_mesh(placed.mesh):
+    return jax.jit(lambda: cast_tree(seeded_split(c, built)[0], dtype), out_shardings=placed.trainable_sh)()
+
+
+def frozen_params(c, built: Built, placed: Placement) -> dict:
+  """The frozen towers on their shardings, in config.model.frozen_dtype, rebuilt from their source
+  (they are not checkpointed): the pretrained weights, or the seeded initialisation of a random
+  config with its loaded parts (e.g. the synthetic VAE) swapped in."""
   dtype = jnp.dtype(c.model.frozen_dtype)
   if built.plan is not None:     # each tensor from its file straight onto its sharding
-    from mgie_jax.parallel import place_tree
-    return place_tree(built.plan.loaders, nnx.to_pure_dict(parts.frozen_template), shardings, dtype)
-
-  def init():
-    model = built.cls(built.config, rngs=nnx.Rngs(c.seed))
-    _, _, frozen = nnx.split(model, trainable_filter(c.trainable), ...)
-    return cast_tree(nnx.to_pure_dict(frozen), dtype)
-
-  with jax.set_mesh(mesh):
-    frozen = jax.jit(init, out_shardings=shardings)()
+    return parallel.place_tree(built.plan.loaders, nnx.to_pure_dict(placed.parts.frozen_template),
+                               placed.frozen_sh, dtype)
+  with jax.set_mesh(placed.mesh):
+    frozen = jax.jit(lambda: cast_tree(seeded_split(c, built)[1], dtype), out_shardings=placed.frozen_sh)()
   for name, module in built.loaded.items():
     if name not in frozen:
       raise ValueError(f"{name} is loaded from a folder but trained: list it as frozen")
-    frozen[name] = jax.device_put(cast_tree(nnx.to_pure_dict(nnx.state(module)), dtype), shardings[name])
+    frozen[name] = jax.device_put(cast_tree(nnx.to_pure_dict(nnx.state(module)), dtype), placed.frozen_sh[name])
   return frozen
 
 

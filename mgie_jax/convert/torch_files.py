@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json",
@@ -89,7 +90,6 @@ class TensorSource(Mapping):
       if not os.path.exists(path):
         raise CheckpointError(source, [f"weight file {path} is missing"])
       if path.endswith(".safetensors"):
-        from safetensors import safe_open
         try:
           with safe_open(path, framework="numpy") as f:
             for k in f.keys():
@@ -102,7 +102,6 @@ class TensorSource(Mapping):
   def __getitem__(self, key: str) -> np.ndarray:
     if key in self._eager:
       return self._eager[key]
-    from safetensors import safe_open
     path = self._where[key]
     try:
       with safe_open(path, framework="numpy") as f:
@@ -115,7 +114,6 @@ class TensorSource(Mapping):
     """The tensor's shape, read from the file's header (no data is read)."""
     if key in self._eager:
       return tuple(self._eager[key].shape)
-    from safetensors import safe_open
     with safe_open(self._where[key], framework="numpy") as f:
       return tuple(f.get_slice(key).get_shape())
 

@@ -1,0 +1,118 @@
+"""Ahead-of-time compiles of the train step for any devices, a TPU slice included (libtpu compiles
+for a slice without one): the compiler's memory per device, its cost-model step time, and the
+samples/s and MFU they imply. `mgie_jax.compile` is the command; `Slice` there names the slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import jax
+from jax.experimental import topologies
+
+from mgie_jax.models.layers import unrolled_layers
+from mgie_jax.run.batch import batch_spec
+from mgie_jax.training import flops as flops_lib
+from mgie_jax.training.setup import setup_for
+from mgie_jax.training.step import batch_sharding, jit_train_step
+
+# Custom calls that libtpu's cost model prices at -1 s each (found by compiling single ops).
+UNCOSTED_CALLS = ("ConcatBitcast", "ZeroCrop")
+
+
+def target_devices(topology: str, s=None):
+  """The devices of slice `s` (named `topology`, a mgie_jax.compile.Slice), or this machine's for 'local'."""
+  if topology == "local":
+    return jax.devices()
+  # libtpu looks for a TPU VM's metadata unless told what it is; no TPU is used.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: several may run at once
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=s.topology, chip_config_name=s.chip_config,
+                                      chips_per_host_bounds=s.host_bounds, num_slices=1)
+  return list(desc.devices)
+
+
+def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) -> dict:
+  """Lower and compile the train step for `devices`; the compiler's numbers as a dict."""
+  run = setup_for(c, None, built, devices)
+  state = run.abstract_state()
+  frozen = run.abstract_frozen()
+  batch = int(c.train.batch_size)
+  spec = batch_spec(c, run.mcfg)       # the trainer's batch, the loader's arrays
+  inputs = spec.abstract(batch, batch_sharding(run), seq_len)
+  t0 = time.time()
+  with unrolled_layers() if unroll else contextlib.nullcontext():
+    lowered = jit_train_step(run, c.data.resolution).lower(state, frozen, inputs)
+  t1 = time.time()
+  compiled = lowered.compile()
+  t2 = time.time()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  model_flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution,
+                                                        spec.text_length)
+  out = dict(devices=len(devices), device_kind=devices[0].device_kind, batch=batch, seq_len=seq_len,
+             resolution=int(c.data.resolution), unrolled=bool(unroll), lower_s=round(t1 - t0, 1),
+             compile_s=round(t2 - t1, 1), model_tflops_per_step=model_flops / 1e12,
+             compiled_tflops_per_device=float(cost.get("flops", 0.0)) / 1e12)
+  if mem is not None:
+    gib = 2.0 ** 30
+    out.update(argument_gib=mem.argument_size_in_bytes / gib, output_gib=mem.output_size_in_bytes / gib,
+               alias_gib=mem.alias_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
+               code_gib=mem.generated_code_size_in_bytes / gib)
+    out["total_gib"] = (out["argument_gib"] + out["output_gib"] - out["alias_gib"] + out["temp_gib"]
+                        + out["code_gib"])
+  if "optimal_seconds" in cost:
+    # libtpu's cost model has no cost for a few custom calls and counts each as -1 s (a program
+    # of one sharded matmul comes out at -0.99998 s): add those back, and say how many there were.
+    text = compiled.as_text() or ""
+    uncosted = sum(text.count(f'custom_call_target="{t}"') for t in UNCOSTED_CALLS)
+    out.update(cost_model_raw_s=float(cost["optimal_seconds"]), uncosted_ops=uncosted,
+               cost_model_step_s=float(cost["optimal_seconds"]) + uncosted)
+  return out
+
+
+def estimates(result: dict, sl, peak_tflops: float | None) -> dict:
+  """Samples/s and MFU implied by the cost model's step time (when it gave a positive one)."""
+  out = {}
+  if sl is not None:
+    out["hbm_gib"] = sl.hbm_gib
+  if peak_tflops:      # the compiled FLOPs at the chip's peak: no estimate can be below this
+    out["compute_floor_s"] = result["compiled_tflops_per_device"] / peak_tflops
+  step = result.get("cost_model_step_s", 0.0)
+  if step > 0 and result["unrolled"]:     # scanned layers are counted once: no rate from that
+    out["samples_per_s"] = result["batch"] / step
+    if peak_tflops:
+      out["mfu"] = result["model_tflops_per_step"] / result["devices"] / step / peak_tflops
+  return out
+
+
+def report(r: dict, topology: str) -> str:
+  lines = [f"{topology}: {r['devices']} x {r['device_kind']}, global batch {r['batch']}, seq {r['seq_len']}, "
+           f"{r['resolution']} px{' (layers unrolled)' if r['unrolled'] else ''}",
+           f"  compile: lower {r['lower_s']:.0f} s, compile {r['compile_s']:.0f} s"]
+  if "total_gib" in r:
+    hbm = f" of {r['hbm_gib']:.0f} GiB HBM ({'fits' if r['total_gib'] <= r['hbm_gib'] else 'DOES NOT FIT'})" \
+        if "hbm_gib" in r else ""
+    lines.append(f"  memory per device: {r['total_gib']:.2f} GiB{hbm} = arguments {r['argument_gib']:.2f} "
+                 f"+ temporaries {r['temp_gib']:.2f} + outputs {r['output_gib']:.2f} - donated {r['alias_gib']:.2f} "
+                 f"+ code {r['code_gib']:.2f}")
+  lines.append(f"  FLOPs per step: model {r['model_tflops_per_step']:.1f} TFLOP (analytic + traced towers); "
+               f"compiled {r['compiled_tflops_per_device'] * r['devices']:.1f} TFLOP over all devices"
+               + ("" if r["unrolled"] else " (loop bodies counted once: use --unroll)"))
+  if "cost_model_step_s" in r and not r["unrolled"]:
+    lines.append("  compiler estimate: none (scanned layers are counted once; pass --unroll)")
+  elif "cost_model_step_s" in r:
+    line = f"  compiler estimate: step {r['cost_model_step_s']:.4f} s"
+    if "samples_per_s" in r:
+      line += f", {r['samples_per_s']:.1f} samples/s"
+    if "mfu" in r:
+      line += f", MFU {100 * r['mfu']:.1f}%"
+    if "compute_floor_s" in r:
+      line += f" (compiled FLOPs at peak: {r['compute_floor_s']:.4f} s)"
+    lines.append(line + f" (XLA cost model, not a measurement; {r['uncosted_ops']} uncosted ops added back)")
+  return "\n".join(lines)
