@@ -51,7 +51,7 @@ TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidd
 
 
 def tol(ref) -> float:
-  """DESIGN.md 4: max |ours - reference| <= 1e-4 x max(1, |reference|)."""
+  """docs/design.md, "Testing without accelerators or weights": max |ours - reference| <= 1e-4 x max(1, |reference|)."""
   return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
 
 
@@ -102,3 +102,8 @@ def sp_dir(tmp_path_factory):
       model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
       character_coverage=1.0, minloglevel=2)
   return str(path)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end runs of the commands (training, export, evaluation, "
+                          "AOT compiles); `pytest -m 'not slow'` is the fast tier for development")

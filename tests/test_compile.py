@@ -15,6 +15,8 @@ from configs import tiny
 from mgie_jax.run.model import trainable_filter
 from test_cli import run_cases, user_error
 
+pytestmark = pytest.mark.slow      # the fast tier (-m 'not slow') leaves these out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu is not installed (pip install -e ".[tpu]")')

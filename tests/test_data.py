@@ -11,6 +11,7 @@ from mgie_jax.core.images import CLIP_MEAN, CLIP_STD
 from data_pipelines.ipr2pr import build
 from data_pipelines.loader import LoaderConfig, Preprocess, make_dataset
 from mgie_jax.text import LlamaTokenizer
+from mgie_jax.run.batch import BatchSpec
 
 skimage_data = pytest.importorskip("skimage.data", reason="needs scikit-image: pip install -e '.[test]'")
 
@@ -313,18 +314,18 @@ def test_loader_skips_bad_records_and_counts_them():
 
 
 def test_loader_skips_sequences_without_img_tokens(synthetic_built, monkeypatch):
-  import mgie_jax.text as text
+  from data_pipelines import loader
   root, builder = synthetic_built
   pre = Preprocess(loader_cfg(builder, root))
   record = builder.as_data_source("train")[0]
   assert pre(record) is not None
-  real = text.training_example
+  real = loader.training_example
 
   def no_img(tok, *a, **k):      # e.g. a tokenizer that does not know the [IMG] tokens
     ex = real(tok, *a, **k)
     ex.input_ids = ex.input_ids[ex.input_ids != tok.token_to_id("[IMG0]")]
     return ex
-  monkeypatch.setattr(text, "training_example", no_img)
+  monkeypatch.setattr(loader, "training_example", no_img)
   assert pre(record) is None and pre.skipped == {"no_img_tokens": 1}
 
 
@@ -477,3 +478,16 @@ def test_host_loader_batches_do_not_depend_on_the_process_count(synthetic_built,
   np.testing.assert_array_equal(next(again)["key"], want["key"])
   with pytest.raises(ValueError, match="multiple of the process count"):
     make_loader(loader_cfg(builder, root), 0, 2, data_shards=3)
+
+
+@pytest.mark.parametrize("text_length", [0, 12])
+def test_the_loader_makes_exactly_the_batch_spec(synthetic_built, text_length):
+  """The arrays the trainer compiles for (mgie_jax.run.batch) are the loader's, name for name."""
+  root, builder = synthetic_built
+  spec = BatchSpec(resolution=32, clip_resolution=28, max_length=128, num_image_tokens=16, text_length=text_length)
+  cfg = LoaderConfig(data_dir=builder.data_dir, batch_size=4, tokenizer=os.path.join(root, "tokenizer"),
+                     num_threads=2, prefetch=4, **spec.loader_options())
+  batch = next(iter(make_dataset(cfg)))
+  batch.pop("key")
+  got = {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+  assert got == {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.fields().items()}

@@ -25,6 +25,8 @@ from mgie_jax.core.images import decode_rgb
 from mgie_jax.models.mgie import MGIE
 from mgie_jax.text import LlamaTokenizer
 
+pytestmark = pytest.mark.slow      # the fast tier (-m 'not slow') leaves these out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

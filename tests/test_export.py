@@ -28,6 +28,8 @@ from mgie_jax.convert.writers import write_diffusers, write_llava_hf, write_llav
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import make_setup
 
+pytestmark = pytest.mark.slow      # the fast tier (-m 'not slow') leaves these out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32 = np.float32
 

@@ -15,6 +15,8 @@ from conftest import ORIGINAL_XLA_FLAGS, xla_flags
 from expressive_fixtures import make_llava_v1, make_t5
 from mgie_jax.inference import annotate as annotation
 
+pytestmark = pytest.mark.slow      # the fast tier (-m 'not slow') leaves these out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -192,7 +192,7 @@ def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_
   from safetensors.torch import save_file
   from configs import ipr2pr
   from mgie_jax.text import LlamaTokenizer
-  from mgie_jax.convert.pretrained import load_pretrained
+  from mgie_jax.run import model as model_lib
   root, head, llava_t, unet_t, vae_t = torch_parts
   # LLaVA v1 folder with a 400-token vocabulary (the tokenizer's SentencePiece size).
   torch.manual_seed(3)
@@ -216,7 +216,7 @@ def test_full_model_from_pretrained_folders(torch_parts, tmp_path, clip_dir, sp_
   c.pretrained.llava, c.pretrained.vision_tower, c.pretrained.sd = str(tmp_path / "llava"), clip_dir[0], str(tmp_path / "sd")
   c.train.min_snr_gamma = 5.0
   tok = LlamaTokenizer.from_pretrained(sp_dir)
-  model = load_pretrained(c, tok)
+  model = model_lib.build(c, tok).host_model
   # The recipe's loss options reach the model as on the random-init path.
   assert (model.config.min_snr_gamma, model.config.ins_loss_weight, model.config.edit_loss_weight) == (5.0, 1.0, 0.5)
   emb = np.asarray(model.mllm.language_model.model.embed_tokens.embedding[...])

@@ -1,6 +1,6 @@
 """T5 v1.1 port, beam search and tokenizer vs transformers (tiny random configs).
 
-Tolerances: logits within 1e-4 x max(1, |reference|) in fp32 (DESIGN.md 4); generated tokens and
+Tolerances: logits within 1e-4 x max(1, |reference|) in fp32 (docs/design.md, "Testing without accelerators or weights"); generated tokens and
 tokenizer ids exactly equal."""
 
 import numpy as np

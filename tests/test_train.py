@@ -23,6 +23,8 @@ from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import make_setup
 from mgie_jax.training.step import batch_sharding, jit_train_step
 
+pytestmark = pytest.mark.slow      # the fast tier (-m 'not slow') leaves these out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

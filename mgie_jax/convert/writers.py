@@ -150,7 +150,7 @@ def write_llava_v1(source, out: str, dtype="float16", max_shard_bytes: int = 5 <
         "mm_vision_select_layer": cfg.vision_feature_layer, "mm_use_im_start_end": True, "use_mm_proj": True,
         "mm_projector_type": cfg.projector, "im_patch_token": cfg.image_token_id,
         "torch_dtype": str(np.dtype(dtype).name) if dtype else "float32"}
-  # LLaVA v1's own config quirks, kept as they are (DESIGN.md 6.1).
+  # LLaVA v1's own config quirks, kept as they are (docs/design.md, "Export").
   hf.update(bos_token_id=0, eos_token_id=1, pad_token_id=-1)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf, f, indent=1)

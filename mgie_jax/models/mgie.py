@@ -3,7 +3,7 @@ hidden states into a condition, an InstructPix2Pix UNet edits. Trained jointly:
 
   L = L_ins (token cross-entropy over the targets) + 0.5 * L_edit (epsilon MSE)
 
-The training forward follows the official release (DESIGN.md 1.2-1.3): the [IMG] window starts
+The training forward follows the official release (docs/design.md, "The model"): the [IMG] window starts
 one token before [IMG0]; the null condition is edit_head(zeros, e) with gradients; target latents
 are a VAE posterior sample x scaling, input latents the posterior mean, unscaled; CFG dropout
 drops the text for p < 2u and the image for u <= p < 3u (u = 0.05).

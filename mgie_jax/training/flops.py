@@ -1,4 +1,4 @@
-"""Model FLOPs per training sample, for TFLOP/s and MFU (DESIGN.md section 5).
+"""Model FLOPs per training sample, for TFLOP/s and MFU (docs/design.md, "Sharding and speed").
 
 LLaMA: analytic (matmuls and attention; frozen blocks cost forward + activation gradients,
 i.e. 2x forward; the trained lm_head 3x). CLIP, VAE and UNet: the FLOPs XLA counts in their
