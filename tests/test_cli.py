@@ -100,8 +100,8 @@ def results(data, saved_run, tmp_path_factory):
   for f in (tmp / "corrupted" / "checkpoints" / "6" / "state").rglob("*"):
     if f.is_file() and "metadata" not in f.name:
       f.write_bytes(b"\0garbage")
-  restored = str(tmp / "restored")
-  shutil.copytree(corrupted, restored)
+  mismatched = str(tmp / "mismatched")   # its own copy: the cases run two at a time, one writer per run
+  shutil.copytree(saved_run, mismatched)
   other_src = tmp / "other_source"
   synthetic.write_dataset(str(other_src), prompts=20, seeds=1, size=32, tokenizer=False)
   (tmp / "not_a_release").mkdir()
@@ -133,11 +133,9 @@ def results(data, saved_run, tmp_path_factory):
                                   "--config.model.noise.rescale_betas_zero_snr=True")),
       "ema_decay": train(*train_flags(data, tmp / "w9", "--config.train.ema_decay=1.0")),
       "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
-      "mismatch": train(*train_flags(data, saved_run, "--config.train.steps=8",
+      "mismatch": train(*train_flags(data, mismatched, "--config.train.steps=8",
                                      "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
       "damaged": train(*train_flags(data, corrupted, "--config.train.steps=8"), forbid=[], env={}),
-      "restore_step": train(*train_flags(data, restored, "--config.train.steps=7", "--config.log.every=1",
-                                         "--config.checkpoint.restore_step=4"), forbid=[], env={}),
       "build_missing_dir": buildc("ipr2pr", f"--manual_dir={tmp / 'nope'}", f"--data_dir={tmp / 'tfds'}",
                                   "--missing_expressive=instruction"),
       "build_not_release": buildc("ipr2pr", f"--manual_dir={tmp / 'not_a_release'}", f"--data_dir={tmp / 'tfds'}",
@@ -152,7 +150,7 @@ def results(data, saved_run, tmp_path_factory):
       "help_build": {"module": "data_pipelines.build", "argv": ["ipr2pr", "--help"], "forbid": NO_MODELS},
   }
   out = dict(zip(cases, run_cases(list(cases.values()))))
-  out["_paths"] = {"empty_workdir": str(empty_workdir), "restored": restored, "tmp": str(tmp)}
+  out["_paths"] = {"empty_workdir": str(empty_workdir), "corrupted": corrupted, "tmp": str(tmp)}
   return out
 
 
@@ -204,19 +202,33 @@ def test_restoring_onto_another_model_config_says_what_differs(results):
 def test_damaged_checkpoint_lists_intact_steps_and_the_flag(results):
   user_error(results["damaged"], "checkpoint step 6", "cannot be read", "intact earlier steps: 4, 2",
              "--config.checkpoint.restore_step=4")
-  r = results["restore_step"]
+
+
+@pytest.fixture(scope="module")
+def restored(data, results, tmp_path_factory):
+  """The damaged run, continued as the error line says (it trains, so it is in the slow tier)."""
+  restored = str(tmp_path_factory.mktemp("restored") / "run")
+  shutil.copytree(results["_paths"]["corrupted"], restored)
+  case = {"module": "mgie_jax.train", "argv": train_flags(data, restored, "--config.train.steps=7",
+                                                          "--config.log.every=1", "--config.checkpoint.restore_step=4")}
+  return restored, run_cases([case])[0]
+
+
+@pytest.mark.slow
+def test_restore_step_continues_from_an_intact_step_and_sets_the_newer_aside(restored):
+  workdir, r = restored
   assert r["rc"] == 0, r["stderr"][-3000:]
-  restored = results["_paths"]["restored"]
-  with open(os.path.join(restored, "metrics.jsonl")) as f:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(l)["step"] for l in f]
   assert steps == [5, 6, 7]
-  assert sorted(os.listdir(os.path.join(restored, "checkpoints"))) == ["2", "4", "7"]
-  aside = os.listdir(os.path.join(restored, "checkpoints.superseded"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "7"]
+  aside = os.listdir(os.path.join(workdir, "checkpoints.superseded"))
   assert len(aside) == 1 and aside[0].startswith("6.")                 # moved aside, not deleted
 
 
-def test_log_lines_are_not_printed_over_the_progress_bar(results):
-  err = results["restore_step"]["stderr"]
+@pytest.mark.slow
+def test_log_lines_are_not_printed_over_the_progress_bar(restored):
+  err = restored[1]["stderr"]
   segments = [s for s in re.split(r"[\r\n]", err) if "mgie_jax.train: step" in s]
   assert len(segments) == 3
   assert "\r" not in err and not re.search(r"train:\s+\d+%", err)    # stderr is a file: no bar

@@ -102,6 +102,7 @@ def test_cpu_meshes_short_of_threads_are_warned_about():
   assert parallel.cpu_threads_advice("cpu", jax.local_device_count(), os.cpu_count() or 1, os.environ) is None
 
 
+@pytest.mark.slow
 def test_sharded_unet_forward_and_backward_equal_unsharded():
   from mgie_jax.models import UNet2DConditionModel, UNetConfig
   cfg = UNetConfig(in_channels=8, block_out_channels=(32, 64), layers_per_block=1,
