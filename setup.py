@@ -29,6 +29,8 @@ setup(
         "tensorboardX",
         "matplotlib",           # evaluation plots
         "absl-py",
+        "scipy",
+        "scikit-image",         # Otsu's threshold for keep-unchanged edits
     ],
     extras_require={
         # torch is only needed for .bin/.pt import and the PyTorch reference tests;
@@ -36,6 +38,10 @@ setup(
         "torch": ["torch==2.13.0"],
         # libtpu (the TPU compiler, from PyPI): `python -m mgie_jax.compile` for TPU slices on any machine.
         "tpu": ["jax[tpu]"],
-        "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0", "jax[tpu]"],
+        # the web demo (python -m mgie_jax.demo)
+        "demo": ["gradio>=6,<7"],
+        # playwright drives the system's chromium in the browser test (no browser is downloaded)
+        "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0", "jax[tpu]", "gradio>=6,<7",
+                 "gradio_client", "playwright"],
     },
 )

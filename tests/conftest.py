@@ -107,3 +107,17 @@ def sp_dir(tmp_path_factory):
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end runs of the commands (training, export, evaluation, "
                           "AOT compiles); `pytest -m 'not slow'` is the fast tier for development")
+
+
+@pytest.fixture(scope="session")
+def run_data(tmp_path_factory):
+  """A small synthetic edit dataset: (built dataset folder, tokenizer folder, source folder)."""
+  from saved_runs import write_data
+  return write_data(str(tmp_path_factory.mktemp("run_data")))
+
+
+@pytest.fixture(scope="session")
+def saved_run(run_data, tmp_path_factory):
+  """A tiny run (random weights) with checkpoints at steps 2, 4 and 6; tests only read it."""
+  from saved_runs import write_saved_run
+  return write_saved_run(run_data, str(tmp_path_factory.mktemp("saved_run")))

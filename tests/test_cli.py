@@ -8,17 +8,11 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from conftest import ORIGINAL_XLA_FLAGS, xla_flags
-from configs import tiny
 from data_pipelines import synthetic
-from data_pipelines.ipr2pr import build
-from data_pipelines.loader import LoaderConfig, make_loader
 from mgie_jax.core import errors
-from mgie_jax.training.checkpoint import Checkpointer
-from mgie_jax.training.setup import make_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_MODELS = ["mgie_jax.run.model:build", "mgie_jax.training.setup:make_setup", "mgie_jax.run.workdir:load"]
@@ -46,45 +40,14 @@ def user_error(result, *words):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("cli_data"))
-  synthetic.write_dataset(root, prompts=24, seeds=2, size=64)
-  builder = build(root, os.path.join(root, "tfds"), "folder", os.path.join(root, "expressive.json"))
-  return str(builder.data_dir), os.path.join(root, "tokenizer"), root
-
-
-def tiny_config(data):
-  c = tiny.get_config()
-  c.data.dir, c.data.tokenizer = data[0], data[1]
-  c.data.num_threads = 2
-  c.pretrained.vae = ""
-  c.eval.at_end = False
-  return c
+def data(run_data):
+  return run_data
 
 
 def train_flags(data, workdir, *extra):
   return ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.dir={data[0]}",
           f"--config.data.tokenizer={data[1]}", "--config.log.sample_every=0", "--config.log.tensorboard=False",
           "--config.data.num_threads=2", "--config.pretrained.vae=", "--config.eval.at_end=False", *extra]
-
-
-@pytest.fixture(scope="module")
-def saved_run(data, tmp_path_factory):
-  """A run with checkpoints at steps 2, 4 and 6 (model, optimizer, data iterator, config)."""
-  workdir = str(tmp_path_factory.mktemp("saved_run"))
-  c = tiny_config(data)
-  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
-  state, _ = run.new_state()
-  loader = make_loader(LoaderConfig(data_dir=c.data.dir, batch_size=8, resolution=c.data.resolution,
-                                    clip_resolution=28, tokenizer=c.data.tokenizer, max_length=c.data.max_length,
-                                    num_image_tokens=16, seed=c.seed, num_threads=2), 0, 1)
-  ckpt = Checkpointer(workdir, every=1, keep=5, async_save=False)
-  config = json.loads(c.to_json_best_effort())
-  for step in (2, 4, 6):
-    next(loader)
-    ckpt.save(step, state.replace(step=jax.numpy.int32(step)), loader, config, force=True)
-  ckpt.close()
-  return workdir
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +69,9 @@ def results(data, saved_run, tmp_path_factory):
   synthetic.write_dataset(str(other_src), prompts=20, seeds=1, size=32, tokenizer=False)
   (tmp / "not_a_release").mkdir()
   edit = lambda *a: {"module": "mgie_jax.edit", "argv": list(a), "forbid": NO_MODELS}
+  demo = lambda *a: {"module": "mgie_jax.demo", "argv": list(a), "forbid": NO_MODELS}
+  all_bad = tmp / "all_bad.jsonl"
+  all_bad.write_text('{"image": "nope.png", "instruction": "x"}\n{"instruction": "y"}\nnot json\n')
   good = [f"--workdir={saved_run}", f"--image={photo}", "--instruction=make it blue"]
   eight = {"XLA_FLAGS": xla_flags(8, ORIGINAL_XLA_FLAGS)}
   train = lambda *a, forbid=NO_MODELS, env=eight: {"module": "mgie_jax.train", "argv": list(a), "forbid": forbid,
@@ -122,6 +88,13 @@ def results(data, saved_run, tmp_path_factory):
       "both": edit(*good, f"--checkpoint={saved_run}/checkpoints/2"),
       "no_step": edit(*good, "--step=5"),
       "image_flag_missing": edit(good[0], "--instruction=x"),
+      "edit_counts": edit(good[0], f"--image={photo}", f"--image={photo}", "--instruction=x"),
+      "edit_no_out_dir": edit(*good, f"--image={photo}", "--instruction=y"),
+      "manifest_missing": edit(good[0], f"--manifest={tmp / 'nope.jsonl'}", f"--out_dir={tmp / 'o'}"),
+      "manifest_all_bad": edit(good[0], f"--manifest={all_bad}", f"--out_dir={tmp / 'o'}"),
+      "demo_both": demo(good[0], "--config=configs/eval/base.py"),
+      "demo_no_checkpoint": demo(f"--workdir={empty_workdir}"),
+      "demo_port": demo(good[0], "--port=-1"),
       "config_key": train(*train_flags(data, tmp / "w1", "--config.train.batchsize=8")),
       "config_value": train(*train_flags(data, tmp / "w2", "--config.train.batch_size=abc")),
       "config_file": train("--config=configs/nope.py", f"--workdir={tmp / 'w3'}"),
@@ -146,7 +119,7 @@ def results(data, saved_run, tmp_path_factory):
                                    "--missing_expressive=instruction"),
       "build_no_data_dir": buildc("ipr2pr", f"--manual_dir={data[2]}"),
       **{f"help_{m}": {"module": f"mgie_jax.{m}", "argv": ["--help"], "forbid": NO_MODELS}
-         for m in ("train", "edit", "compile", "evaluate", "export")},
+         for m in ("train", "edit", "compile", "evaluate", "export", "demo")},
       "help_build": {"module": "data_pipelines.build", "argv": ["ipr2pr", "--help"], "forbid": NO_MODELS},
   }
   out = dict(zip(cases, run_cases(list(cases.values()))))
@@ -164,6 +137,19 @@ def test_edit_input_mistakes(results):
   user_error(results["both"], "exactly one of --workdir and --checkpoint")
   user_error(results["no_step"], "no checkpoint step 5", "steps: 2, 4, 6")
   user_error(results["image_flag_missing"], "--image is required")
+  user_error(results["edit_counts"], "--instruction", "1 instructions for 2 images")
+  user_error(results["edit_no_out_dir"], "--out_dir", "2 images need a folder")
+  user_error(results["manifest_missing"], "--manifest", "does not exist")
+  user_error(results["manifest_all_bad"], "no usable line")
+  err = results["manifest_all_bad"]["stderr"]
+  for n, what in ((1, "nope.png does not exist"), (2, 'no "image" path'), (3, "not JSON")):
+    assert re.search(rf"skipped line {n}: .*{re.escape(what)}", err), (n, err)
+
+
+def test_demo_mistakes(results):
+  user_error(results["demo_both"], "--config", "given with a run")
+  user_error(results["demo_no_checkpoint"], "no checkpoint in")
+  user_error(results["demo_port"], "--port")
 
 
 def test_edit_is_read_only_and_names_its_own_options(results):

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("mgie_jax", "data_pipelines", "configs")
-COMMANDS = {"train", "evaluate", "edit", "export", "compile"}
+COMMANDS = {"train", "evaluate", "edit", "export", "compile", "demo"}
 # Optional or heavy dependencies the library imports where they are used, not at the top:
 # torch (the [torch] extra: .bin/.pt files), the PyTorch-side pipeline's transformers/diffusers,
 # and matplotlib (plots only).

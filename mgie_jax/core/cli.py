@@ -81,7 +81,8 @@ def _parse(argv):
     out = flags.FLAGS(argv)
     for name in flags.FLAGS:      # config files load lazily: surface their errors now
       if name.split(".")[0] == name and type(flags.FLAGS[name]).__name__ == "_ConfigFlag":
-        flags.FLAGS[name].value.keys()
+        if flags.FLAGS[name].value is not None:     # an optional config may be left out
+          flags.FLAGS[name].value.keys()
     return out
   except SystemExit as e:
     # absl prints the help and exits 1; asking for help is not a failure.

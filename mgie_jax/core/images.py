@@ -15,7 +15,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -68,12 +68,28 @@ def decode_rgb(data: bytes) -> Image.Image:
   return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_rgb(path) -> Image.Image:
-  """An image file -> RGB PIL image; raises BadImage when it cannot be decoded."""
+def open_rgb(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+  """A user's photo file -> RGB PIL image as a viewer shows it; raises BadImage when it cannot be
+  decoded (or is over `max_pixels`)."""
   with open(path, "rb") as f:
     data = f.read()
-  check_image(data)
-  return decode_rgb(data)
+  check_image(data, max_pixels)
+  return photo_rgb(Image.open(io.BytesIO(data)))
+
+
+def photo_rgb(img: Image.Image) -> Image.Image:
+  """RGB as a viewer shows the photo: EXIF rotation applied, 16-bit and 32-bit gray scaled to 8 bits
+  (PIL's convert clips them), transparency over white. Datasets keep `decode_rgb`'s plain convert,
+  as the reference pipelines do."""
+  img = ImageOps.exif_transpose(img)
+  if img.mode.startswith("I;16") or img.mode == "I":
+    peak = 65535.0 if img.mode.startswith("I;16") or np.asarray(img).max() > 255 else 255.0
+    img = Image.fromarray(np.round(np.asarray(img, np.float64) * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def center_crop_square(img: Image.Image) -> Image.Image:

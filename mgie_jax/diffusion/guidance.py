@@ -8,6 +8,7 @@ U is the edit condition, null the unconditional condition, v the input image's l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -28,8 +29,27 @@ def guided_eps(unet, x, t, image_latents, cond, null_cond, text_scale, image_sca
   return e_uncond + text_scale * (e_text - e_image) + image_scale * (e_image - e_uncond)
 
 
+_step_listeners: list = []
+
+
+def _report_step(done, total):
+  for listener in list(_step_listeners):
+    listener(int(done), int(total))
+
+
+@contextlib.contextmanager
+def on_step(listener):
+  """Call `listener(done, total)` after each denoising step of edits run with `report_steps=True`
+  (a demo's progress bar). The host callback is compiled in only where asked for."""
+  _step_listeners.append(listener)
+  try:
+    yield
+  finally:
+    _step_listeners.remove(listener)
+
+
 def sample_loop(unet, sampler: Sampler, latents, image_latents, cond, null_cond, noise,
-                text_scale, image_scale):
+                text_scale, image_scale, report_steps: bool = False):
   """The denoising loop as one lax.fori_loop. latents: N(0, 1) [B, h, w, c]; noise [steps, B, h, w, c]."""
   x = latents * sampler.init_noise_sigma
 
@@ -37,17 +57,21 @@ def sample_loop(unet, sampler: Sampler, latents, image_latents, cond, null_cond,
     t = sampler.timesteps[i]
     xin = sampler.scale_model_input(i, x)
     eps = guided_eps(unet, xin, t, image_latents, cond, null_cond, text_scale, image_scale)
-    return sampler.step(i, x, eps.astype(x.dtype), noise[i] if noise is not None else None)
+    x = sampler.step(i, x, eps.astype(x.dtype), noise[i] if noise is not None else None)
+    if report_steps:
+      jax.debug.callback(_report_step, i + 1, sampler.num_steps)   # unordered: works on a mesh
+    return x
 
   return jax.lax.fori_loop(0, sampler.num_steps, body, x)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_def", "vae_def"))
+@functools.partial(jax.jit, static_argnames=("unet_def", "vae_def", "report_steps"))
 def _edit(unet_def, unet_state, vae_def, vae_state, sampler, images, cond, null_cond, latents, noise,
-          text_scale, image_scale):
+          text_scale, image_scale, report_steps=False):
   unet, vae = nnx.merge(unet_def, unet_state), nnx.merge(vae_def, vae_state)
   image_latents = vae.encode(images).mode()
-  x = sample_loop(unet, sampler, latents, image_latents, cond, null_cond, noise, text_scale, image_scale)
+  x = sample_loop(unet, sampler, latents, image_latents, cond, null_cond, noise, text_scale, image_scale,
+                  report_steps)
   decoded = vae.decode(x / vae.config.scaling_factor)
   return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -61,12 +85,12 @@ def draw_noise(key, sampler: Sampler, shape):
 
 
 def edit_images(unet, vae, sampler: Sampler, images, cond, null_cond, *, key=None, latents=None,
-                noise=None, text_scale: float = 7.5, image_scale: float = 1.5):
+                noise=None, text_scale: float = 7.5, image_scale: float = 1.5, report_steps: bool = False):
   """Edit `images` (NHWC in [-1, 1]) under condition `cond`; returns NHWC images in [0, 1].
 
   Randomness comes from `key` (initial latents and per-step noise), or from explicit
   `latents` [B, h, w, c] and `noise` [steps, B, h, w, c] to reproduce another implementation.
-  Compiled once per (models, shapes, sampler kind).
+  Compiled once per (models, shapes, sampler kind, `report_steps`: see `on_step`).
   """
   b, h, w, _ = images.shape
   factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -84,4 +108,5 @@ def edit_images(unet, vae, sampler: Sampler, images, cond, null_cond, *, key=Non
   unet_def, unet_state = nnx.split(unet)
   vae_def, vae_state = nnx.split(vae)
   return _edit(unet_def, unet_state, vae_def, vae_state, sampler, jnp.asarray(images), cond,
-               null_cond, latents, noise, jnp.float32(text_scale), jnp.float32(image_scale))
+               null_cond, latents, noise, jnp.float32(text_scale), jnp.float32(image_scale),
+               report_steps=report_steps)

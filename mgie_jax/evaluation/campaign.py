@@ -10,7 +10,6 @@ import logging
 import os
 
 import jax
-import ml_collections
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -22,7 +21,6 @@ from mgie_jax.evaluation import report
 from mgie_jax.evaluation.sweep import Results, Setting, Sweep, load_examples
 from mgie_jax.run import workdir as workdir_lib
 from mgie_jax.run.checks import check_dataset, check_folder
-from mgie_jax.text import LlamaTokenizer
 
 log = logging.getLogger("mgie_jax.evaluate")
 
@@ -115,13 +113,7 @@ def load_editor(spec, c):
     return ed.MGIEEditor(name, run.model, run.tok, step=step, resolution=res, max_new_tokens=c.max_new_tokens,
                          mesh=run.mesh, text=c.expressive)
   # a pretrained MGIE (e.g. the release) from the full recipe's config and these folders
-  tc = ml_collections.ConfigDict(c.recipe.to_dict())     # the training recipe the release follows
-  tc.model.dtype = tc.model.frozen_dtype = c.pretrained_dtype
-  for k in ("llava", "vision_tower", "sd", "mllm_pt", "unet_pt"):
-    tc.pretrained[k] = c.pretrained[k]
-  tc.mesh = dict(data=1, fsdp=-1, tensor=1)
-  tok = LlamaTokenizer.from_pretrained(c.pretrained.llava)
-  model, mesh = workdir_lib.from_config(tc, tok, devices=jax.local_devices())
+  model, tok, mesh = workdir_lib.load_release(c.recipe, c.pretrained, c.pretrained_dtype, devices=jax.local_devices())
   return ed.MGIEEditor(what, model, tok, resolution=c.resolution or 512, max_new_tokens=c.max_new_tokens,
                        mesh=mesh, text=c.expressive)
 

@@ -29,13 +29,20 @@ def prepare(images, resolution: int, clip_resolution: int):
           np.stack([clip_view(s, clip_resolution) for s in squares]))
 
 
+def padded_length(rows, multiple: int = 1) -> int:
+  """The longest row's length rounded up to `multiple` (left padding to a few lengths: few compiles)."""
+  longest = max(map(len, rows))
+  return -(-longest // multiple) * multiple
+
+
 def expressive_instructions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96,
-                            no_repeat_ngram_size: int = 3):
-  """Generate the expressive instructions; returns (texts, condition U, null condition)."""
+                            no_repeat_ngram_size: int = 3, length_multiple: int = 1):
+  """Generate the expressive instructions; returns (texts, condition U, null condition).
+  Prompts and written sequences are left-padded to a multiple of `length_multiple`."""
   cfg = model.config
   n_img = cfg.llava.num_image_tokens
   prompts = [tok.encode(prompt_text(i, n_img)) for i in instructions]
-  ids, mask = pad_batch(prompts, max(map(len, prompts)), pad_id=0, side="left")
+  ids, mask = pad_batch(prompts, padded_length(prompts, length_multiple), pad_id=0, side="left")
   check_image_tokens(ids, cfg.llava.image_token_id, n_img)
   out = greedy_generate(model.mllm, ids, mask, pixel_values=jnp.asarray(clip_images),
                         max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -51,7 +58,7 @@ def expressive_instructions(model, tok, clip_images, instructions, *, max_new_to
       gen.append(t)
     texts.append(tok.decode(gen))
     full.append(prompt + gen + img_ids)
-  ids, mask = pad_batch(full, max(map(len, full)), pad_id=0, side="left")
+  ids, mask = pad_batch(full, padded_length(full, length_multiple), pad_id=0, side="left")
   return texts, *conditions_for(model, ids, mask, clip_images)
 
 
@@ -118,14 +125,16 @@ def _text_conditions(model, ids, mask):
   return model.conditions(ids, mask)
 
 
-def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96, references=None):
+def conditions(model, tok, clip_images, instructions, *, max_new_tokens: int = 96, references=None,
+               length_multiple: int = 1):
   """(texts, cond, null) for any editor model: MGIE writes expressive instructions (or, given
   `references`, is conditioned on those); the text-only baseline encodes the terse ones
   (returned as its texts)."""
   if hasattr(model, "mllm"):
     if references is not None:
       return reference_conditions(model, tok, clip_images, instructions, references)
-    return expressive_instructions(model, tok, clip_images, instructions, max_new_tokens=max_new_tokens)
+    return expressive_instructions(model, tok, clip_images, instructions, max_new_tokens=max_new_tokens,
+                                   length_multiple=length_multiple)
   ids, mask = instruction_ids(tok, instructions, model.config.text_length)
   cond, null = _text_conditions(model, jnp.asarray(ids), jnp.asarray(mask))
   return list(instructions), cond, null

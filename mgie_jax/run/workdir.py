@@ -267,6 +267,20 @@ def from_config(c, tok, *, devices=None, workdir=None):
   return placed.parts.merge(params, model_lib.frozen_params(c, built, placed)), placed.mesh
 
 
+def load_release(recipe, pretrained, dtype: str = "bfloat16", *, devices=None):
+  """A pretrained MGIE (e.g. the released mllm.pt / unet.pt on stock LLaVA and SD) built with
+  the training `recipe` it follows, from the local folders in `pretrained` (llava, vision_tower,
+  sd, mllm_pt, unet_pt). Returns (model, tok, mesh)."""
+  tc = ml_collections.ConfigDict(recipe.to_dict())
+  tc.model.dtype = tc.model.frozen_dtype = dtype
+  for k in ("llava", "vision_tower", "sd", "mllm_pt", "unet_pt"):
+    tc.pretrained[k] = pretrained[k]
+  tc.mesh = dict(data=1, fsdp=-1, tensor=1)
+  tok = LlamaTokenizer.from_pretrained(pretrained["llava"])
+  model, mesh = from_config(tc, tok, devices=devices)
+  return model, tok, mesh
+
+
 # --- trained parameters, one module at a time (export) --------------------------------------------
 
 class TrainedSource:
