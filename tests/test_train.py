@@ -445,19 +445,31 @@ def test_readme_run_trains_a_vae_that_reconstructs_and_loads_it_frozen(readme_ru
   assert saved.keys() == used.keys() and all(np.array_equal(saved[k], used[k]) for k in saved)
 
 
-def test_readme_edit_command_edits_a_photograph(readme_run, tmp_path):
+def test_readme_edit_command_edits_the_test_image_it_names_and_photos_at_their_size(readme_run, tmp_path):
+  import re
+  import shlex
   from PIL import Image
   from skimage import data as skdata
   workdir, _ = readme_run
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  command = re.search(r"^python -m mgie_jax\.edit --workdir=/tmp/mgie_tiny \\\n(?:.*\\\n)*.*$", readme, re.M).group(0)
+  argv = [a.replace("/tmp/mgie_tiny", workdir) for a in shlex.split(command.replace("\\\n", " "))]
+  argv = [a if a != "edited.png" else str(tmp_path / "edited.png") for a in argv]
+  image = next(a for a in argv if a.endswith(".jpg"))
+  assert os.path.isfile(image), image                # the run wrote the test image the README names
+  out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env(), check=True, capture_output=True,
+                       timeout=600)
+  assert "expressive instruction:" in out.stdout.decode() and "checkpoint step 1500" in out.stdout.decode()
+  assert Image.open(tmp_path / "edited.png").size == Image.open(image).size
+  # A photograph comes back at its own size.
   photo = str(tmp_path / "astronaut.jpg")
-  Image.fromarray(skdata.astronaut()).save(photo)
-  out = subprocess.run([sys.executable, "-m", "mgie_jax.edit", f"--workdir={workdir}", f"--image={photo}",
-                        "--instruction=make the background blue", f"--out={tmp_path / 'edited.png'}",
-                        "--steps=10"], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
-  text = out.stdout.decode()
-  assert "expressive instruction:" in text and "checkpoint step 1500" in text
-  edited = Image.open(tmp_path / "edited.png")
-  assert edited.size == (32, 32) and edited.mode == "RGB"
+  Image.fromarray(skdata.astronaut()[:, :384]).save(photo)
+  subprocess.run([sys.executable, "-m", "mgie_jax.edit", f"--workdir={workdir}", f"--image={photo}",
+                  "--instruction=make the background blue", f"--out={tmp_path / 'astronaut.png'}",
+                  "--steps=10"], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+  edited = Image.open(tmp_path / "astronaut.png")
+  assert edited.size == (384, 512) and edited.mode == "RGB"
 
 
 def test_inference_loader_reads_parameters_only_and_writes_nothing(killed_and_resumed):
