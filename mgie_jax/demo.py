@@ -95,7 +95,6 @@ def main(argv):
   from mgie_jax.run import workdir as workdir_lib
 
   examples, note = [], ""
-  folder = tempfile.mkdtemp(prefix="mgie_demo_")
   if kind == "run":
     workdir, step = workdir_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
                                        option="--checkpoint=<workdir>/checkpoints/<step> of a trained run")
@@ -103,7 +102,6 @@ def main(argv):
                            else f"--checkpoint={workdir}/checkpoints/{{step}}")
     model, tok, mesh = run.model, run.tok, run.mesh
     resolution = 512 if run.pretrained else run.config.data.resolution
-    examples = run_examples(workdir, run.config, FLAGS.examples, folder)
     title = f"MGIE: {os.path.basename(os.path.normpath(str(workdir)))} at step {step}"
     if not run.pretrained and resolution <= 64:
       note = TINY_NOTE
@@ -113,9 +111,12 @@ def main(argv):
     resolution, title = c.resolution or 512, f"MGIE: {c.pretrained.name}"
   editor = demo_app.PhotoEditor(model, tok, mesh, resolution, max_pixels=FLAGS.max_pixels,
                                 max_new_tokens=FLAGS.max_new_tokens)
-  app = demo_app.build_app(editor, examples, note, title=title)
-  print(f"serving on http://{FLAGS.host}:{FLAGS.port} (Ctrl-C stops)", flush=True)
-  demo_app.serve(app, FLAGS.host, FLAGS.port, [folder])
+  with tempfile.TemporaryDirectory(prefix="mgie_demo_") as folder:   # the examples' files, removed on exit
+    if kind == "run":
+      examples = run_examples(workdir, run.config, FLAGS.examples, folder)
+    app = demo_app.build_app(editor, examples, note, title=title)
+    print(f"serving on http://{FLAGS.host}:{FLAGS.port} (Ctrl-C stops)", flush=True)
+    demo_app.serve(app, FLAGS.host, FLAGS.port, [folder])
 
 
 if __name__ == "__main__":
