@@ -81,7 +81,7 @@ def main():
         sys.exit(c.stderr[-3000:])
       whole = time.perf_counter() - t0
       rows.append((name, got, whole))
-  print(f"| what | load run s | first edit (cold) s | warm edit s | whole `edit` command s | output |")
+  print("| what | load run s | first edit (cold) s | warm edit s | whole `edit` command s | output |")
   print("|---|---|---|---|---|---|")
   for name, g, whole in rows:
     print(f"| {name} | {g['load']:.1f} | {g['cold']:.1f} | {g['warm']:.2f} | {whole:.1f} | "
