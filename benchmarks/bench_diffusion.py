@@ -34,6 +34,7 @@ def main():
   p.add_argument("--latent", type=int, default=32, help="latent side (MGIE trains at 256 px: 32)")
   p.add_argument("--image", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--attention", default="auto,xla", help="our UNet's attention_impl values to time, comma-separated")
   a = p.parse_args()
   torch.manual_seed(0)
   w = a.width
@@ -46,7 +47,8 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     unet_t.save_pretrained(os.path.join(d, "unet"))
     vae_t.save_pretrained(os.path.join(d, "vae"))
-    unet = from_pretrained(UNet2DConditionModel, os.path.join(d, "unet"))
+    unets = {impl: from_pretrained(UNet2DConditionModel, os.path.join(d, "unet"), attention_impl=impl)
+             for impl in a.attention.split(",")}
     vae = from_pretrained(AutoencoderKL, os.path.join(d, "vae"))
   n_params = sum(p.numel() for p in unet_t.parameters())
 
@@ -63,18 +65,20 @@ def main():
     loss.backward()
     return loss
 
-  graphdef, state = nnx.split(unet)
-
-  @jax.jit
-  def jax_step(state, x, t, ctx, target):
-    def loss(s):
-      return jnp.mean((nnx.merge(graphdef, s)(x, t, ctx) - target) ** 2)
-    return jax.value_and_grad(loss)(state)
-
   jx = [jnp.asarray(v) for v in (x.transpose(0, 2, 3, 1), t, ctx, target.transpose(0, 2, 3, 1))]
-  rows = [(f"UNet train step (fwd+bwd), {n_params / 1e6:.1f}M params",
-           timeit(torch_step, a.repeats),
-           timeit(lambda: jax.block_until_ready(jax_step(state, *jx)), a.repeats))]
+  t_torch = timeit(torch_step, a.repeats)
+  rows = []
+  for impl, unet in unets.items():
+    graphdef, state = nnx.split(unet)
+
+    @jax.jit
+    def jax_step(state, x, t, ctx, target, graphdef=graphdef):
+      def loss(s):
+        return jnp.mean((nnx.merge(graphdef, s)(x, t, ctx) - target) ** 2)
+      return jax.value_and_grad(loss)(state)
+
+    rows.append((f"UNet train step (fwd+bwd), {n_params / 1e6:.1f}M params, attention {impl}", t_torch,
+                 timeit(lambda: jax.block_until_ready(jax_step(state, *jx)), a.repeats)))
 
   img = rng.uniform(-1, 1, size=(a.batch, 3, a.image, a.image)).astype(np.float32)
   vg, vs = nnx.split(vae)
@@ -87,7 +91,7 @@ def main():
   print(machine())
   print(f"config: UNet blocks {(w, 2 * w, 4 * w, 4 * w)}, {a.heads} heads, 2 layers/block, cross-attn 768x77, "
         f"latents {a.latent}x{a.latent}x8, batch {a.batch}; VAE same widths; fp32")
-  table(rows)
+  table(rows, width=64)
 
 
 if __name__ == "__main__":

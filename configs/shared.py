@@ -18,7 +18,7 @@ def get_config(arg=None):
       dtype="float32",                    # compute dtype of every tower
       frozen_dtype="float32",             # storage dtype of the frozen towers
       remat="none",                       # "none", "full", or a jax.checkpoint policy name
-      attention_impl="xla",
+      attention_impl="auto",              # "blocked" on CPU where it wins, else "xla"; or "cudnn"
       edit_head=dict(),                   # {}: the release's (4096 -> 512 wide, 4+4 layers, 77 x 768 out)
       noise={},                           # {}: the schedule of <pretrained.sd>/scheduler, else SD's
   )

@@ -93,11 +93,13 @@ def main(argv):
 
   from mgie_jax.inference import demo_app
   from mgie_jax.run import workdir as workdir_lib
+  from mgie_jax.run.compile_cache import use_compile_cache
 
   examples, note = [], ""
   if kind == "run":
     workdir, step = workdir_lib.locate(FLAGS.workdir, FLAGS.checkpoint, FLAGS.step,
                                        option="--checkpoint=<workdir>/checkpoints/<step> of a trained run")
+    use_compile_cache(workdir_lib.saved_config(workdir, step))   # a restart compiles nothing
     run = workdir_lib.load(workdir, step, option="--step={step}" if FLAGS.workdir
                            else f"--checkpoint={workdir}/checkpoints/{{step}}")
     model, tok, mesh = run.model, run.tok, run.mesh
@@ -107,6 +109,7 @@ def main(argv):
       note = TINY_NOTE
   else:
     c = FLAGS.config
+    use_compile_cache(c)
     model, tok, mesh = workdir_lib.load_release(c.recipe, c.pretrained, c.pretrained_dtype, devices=jax.local_devices())
     resolution, title = c.resolution or 512, f"MGIE: {c.pretrained.name}"
   editor = demo_app.PhotoEditor(model, tok, mesh, resolution, max_pixels=FLAGS.max_pixels,

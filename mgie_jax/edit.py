@@ -191,6 +191,7 @@ def main(argv):
   from mgie_jax.inference import pipeline as inference
   from mgie_jax.inference.shapes import bucket_for, stride
   from mgie_jax.run import workdir as workdir_lib
+  from mgie_jax.run.compile_cache import use_compile_cache
 
   # --- everything a user can get wrong, before any model is built -----------------------------
   for flag, value in (("--steps", FLAGS.steps), ("--batch_size", FLAGS.batch_size)):
@@ -232,6 +233,8 @@ def main(argv):
                                      option="--checkpoint=<workdir>/checkpoints/<step> of a trained run")
 
   # --- the model and the edits -------------------------------------------------------------------
+  # The second edit of a run (or of another run of the same architecture) compiles nothing.
+  use_compile_cache(workdir_lib.saved_config(workdir, step))
   run = workdir_lib.load(workdir, step, option="--step={step}" if FLAGS.workdir
                          else f"--checkpoint={workdir}/checkpoints/{{step}}")
   m = stride(run.model.config)

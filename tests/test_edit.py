@@ -3,6 +3,7 @@ batched manifests with a bad line, and a killed batch re-run."""
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -125,3 +126,25 @@ def test_one_image_equals_its_manifest_row_and_square_crop_equals_the_edit_as_be
                                  resolution=32, steps=3, max_new_tokens=8)
   assert f"expressive instruction: {texts[0]}" in r.stdout
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "square.png")), want[0])
+
+
+def test_a_second_edit_of_the_run_compiles_nothing(saved_run, manifest, tmp_path):
+  # The default cache, not the suite's shared one: the user's cache folder, which edit uses so that
+  # it never writes into the run.
+  e = {k: v for k, v in env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  e["XDG_CACHE_HOME"] = str(tmp_path / "user_cache")
+  cache = tmp_path / "user_cache" / "mgie_jax" / "compile_cache"
+  image = os.path.join(os.path.dirname(manifest[0]), "im1.png")
+  entries, images = [], []
+  run_files = sorted(str(p) for p in pathlib.Path(saved_run).rglob("*"))
+  for i in range(2):
+    out = tmp_path / f"edit{i}.png"
+    subprocess.run([sys.executable, "-m", "mgie_jax.edit", f"--workdir={saved_run}", f"--image={image}",
+                    "--instruction=add a circle", f"--out={out}", *STEPS], cwd=ROOT, env=e, check=True,
+                   capture_output=True, timeout=900)
+    entries.append(sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")))
+    images.append(np.asarray(Image.open(out)))
+  assert len(entries[0]) > 20, entries[0]            # the first edit compiled (and cached) its programs
+  assert entries[1] == entries[0]                    # the second compiled none: every one came from the cache
+  np.testing.assert_array_equal(images[1], images[0])
+  assert run_files == sorted(str(p) for p in pathlib.Path(saved_run).rglob("*"))   # nothing written into the run

@@ -35,7 +35,7 @@ class ClipVisionConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @property
   def num_patches(self) -> int:
@@ -151,7 +151,7 @@ class ClipTextConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @classmethod
   def from_hf(cls, hf: dict, **runtime) -> "ClipTextConfig":

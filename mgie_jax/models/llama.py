@@ -42,7 +42,7 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_key_value_heads is None:

@@ -45,7 +45,7 @@ class UNetConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("down_block_types", "up_block_types", "block_out_channels"):

@@ -32,7 +32,7 @@ class ViTConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @classmethod
   def from_hf(cls, hf: dict, **runtime) -> "ViTConfig":

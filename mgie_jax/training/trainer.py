@@ -30,6 +30,7 @@ from mgie_jax.core.images import decode_rgb
 from mgie_jax.core.parallel import cpu_threads_advice
 from mgie_jax.inference import pipeline as inference
 from mgie_jax.run.batch import TOKENS, batch_spec, bucket_for, length_buckets
+from mgie_jax.run.compile_cache import use_compile_cache
 from mgie_jax.run.model import tokenizer_dir
 from mgie_jax.training import flops as flops_lib
 from mgie_jax.training.checkpoint import Checkpointer
@@ -73,7 +74,7 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   lead = jax.process_index() == 0
   if lead:
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  _use_compile_cache(c, workdir)
+  use_compile_cache(c, workdir)
   log.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
   advice = cpu_threads_advice(jax.devices()[0].platform, jax.local_device_count(), os.cpu_count() or 1, os.environ)
@@ -245,21 +246,6 @@ class Preempted:
       return local
     # One tiny all-gather per step boundary: every host learns whether any host was told to stop.
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
-
-
-def _use_compile_cache(c, workdir: str) -> None:
-  """Restarts skip the compiles they already made: a persistent cache under the workdir (a cache
-  named in the environment, e.g. a cluster-wide one, wins)."""
-  cache = c.get("compile_cache", "auto")
-  if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
-    # A CPU executable carries its own process's collectives setup: a host that loads another
-    # host's entry from a shared cache runs mismatched collectives (seen as gloo size errors).
-    jax.config.update("jax_enable_compilation_cache", False)
-    cache = ""
-  if cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    cache = str(paths.path(workdir) / "compile_cache") if cache == "auto" else cache
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(c.get("compile_cache_min_seconds", 1.0)))
 
 
 def _once(lead, what, make, path):
