@@ -6,6 +6,9 @@ and print the compiler's memory and cost estimates (what a user reads to choose 
   python -m mgie_jax.compile --config=configs/ipr2pr.py --topology=v5e-16 \\
       --config.train.batch_size=128 --seq_len=384 --unroll
   python -m mgie_jax.compile --config=configs/tiny.py --topology=local     # this machine's devices
+  python -m mgie_jax.compile --config=configs/ipr2pr.py --topology=v5p-2 --program=edit --resolution=512
+
+`--program=edit` prices one edit instead, piece by piece (mgie_jax.inference.aot).
 
 With the config's pretrained folders empty, the towers take their standard shapes (LLaVA-7B v1,
 CLIP ViT-L/14, SD-1.5); given, their configs are read (no tensor is). Memory is per device, from
@@ -34,6 +37,11 @@ flags.DEFINE_string("topology", "v5p-8", "a TPU slice (v4-8, v5p-8, v5e-16, v6e-
 flags.DEFINE_integer("seq_len", 0, "token length to compile for (0: config.data.max_length)")
 flags.DEFINE_bool("unroll", False, "trace layer stacks unrolled so the cost model counts every layer")
 flags.DEFINE_string("json", "", "also write the numbers to this JSON file")
+flags.DEFINE_enum("program", "train", ["train", "edit"], "the train step, or one edit (inference)")
+flags.DEFINE_integer("resolution", 512, "--program=edit: the image side")
+flags.DEFINE_integer("batch", 1, "--program=edit: images per edit")
+flags.DEFINE_integer("new_tokens", 32, "--program=edit: tokens of the expressive instruction written")
+flags.DEFINE_integer("steps", 100, "--program=edit: sampler steps")
 flags.mark_flags_as_required(["config"])
 
 log = logging.getLogger("mgie_jax.compile")
@@ -58,6 +66,10 @@ TOPOLOGIES = {
     "v5e-4": Slice("v5e:2x2", *_V5E), "v5e-8": Slice("v5e:2x4", *_V5E), "v5e-16": Slice("v5e:4x4", *_V5E),
     "v5e-32": Slice("v5e:4x8", *_V5E), "v6e-4": Slice("v6e:2x2", *_V6E), "v6e-8": Slice("v6e:2x4", *_V6E),
     "v6e-16": Slice("v6e:4x4", *_V6E),
+    # One chip (what an edit server runs on): v5p-2 is one v5p chip's two TensorCores.
+    "v5e-1": Slice("v5e:1x1", "default", (1, 1, 1), 16, 197.0),
+    "v5p-2": Slice("v5:1x1x1", "megacore", (1, 1, 1), 95, 459.0),
+    "v6e-1": Slice("v6e:1x1", "default", (1, 1, 1), 32, 918.0),
 }
 
 
@@ -73,6 +85,16 @@ def check(c, topology: str) -> None:
                               fix='pip install -e ".[tpu]" (no TPU needed), or use --topology=local')
   if FLAGS.seq_len < 0:
     raise errors.BAD_OPTION(flag="--seq_len", detail=str(FLAGS.seq_len), fix="use 0 (max_length) or a length")
+  if FLAGS.program == "edit":
+    for flag in ("resolution", "batch", "new_tokens", "steps"):
+      if getattr(FLAGS, flag) < 1:
+        raise errors.BAD_OPTION(flag=f"--{flag}", detail=str(getattr(FLAGS, flag)), fix="use 1 or more")
+    if FLAGS.resolution % 64:
+      raise errors.BAD_OPTION(flag="--resolution", detail=str(FLAGS.resolution),
+                              fix="use a multiple of 64 (the UNet and VAE downsample by 64 together)")
+    if c.model.kind != "mgie":
+      raise errors.BAD_OPTION(flag="--program=edit", detail=f"model.kind is {c.model.kind!r}",
+                              fix="compile an MGIE config (configs/ipr2pr.py, configs/tiny.py)")
 
 
 def main(argv):
@@ -100,11 +122,22 @@ def main(argv):
     built = build_lib.build(c, LlamaTokenizer.from_pretrained(build_lib.tokenizer_dir(c, "")))
   else:                                   # LLaVA-7B v1 + CLIP-L/14 + SD-1.5
     built = build_lib.standard_shapes(c)
-  log.info("compiling the train step for %s (%d devices)...", topology, len(devices))
-  r = aot.compile_train_step(c, built, devices, seq_len, FLAGS.unroll)
-  r.update(aot.estimates(r, sl, sl.peak_tflops if sl else peak_tflops(devices[0])))
-  r["topology"] = topology
-  print(aot.report(r, topology), flush=True)
+  if FLAGS.program == "edit":
+    from mgie_jax.inference import aot as edit_aot
+    log.info("compiling an edit for %s (%d devices)...", topology, len(devices))
+    prompt = built.config.llava.num_image_tokens + 64      # image tokens + system prompt and instruction
+    r = edit_aot.compile_edit(c, built, devices, resolution=FLAGS.resolution, batch=FLAGS.batch,
+                              new_tokens=FLAGS.new_tokens, steps=FLAGS.steps, prompt_length=prompt)
+    if sl is not None:
+      r["hbm_gib"] = sl.hbm_gib
+    r["topology"] = topology
+    print(edit_aot.report(r, topology), flush=True)
+  else:
+    log.info("compiling the train step for %s (%d devices)...", topology, len(devices))
+    r = aot.compile_train_step(c, built, devices, seq_len, FLAGS.unroll)
+    r.update(aot.estimates(r, sl, sl.peak_tflops if sl else peak_tflops(devices[0])))
+    r["topology"] = topology
+    print(aot.report(r, topology), flush=True)
   if FLAGS.json:
     paths.path(FLAGS.json).write_text(json.dumps(r, indent=1))
 
