@@ -8,7 +8,7 @@ and print the compiler's memory and cost estimates (what a user reads to choose 
   python -m mgie_jax.compile --config=configs/tiny.py --topology=local     # this machine's devices
   python -m mgie_jax.compile --config=configs/ipr2pr.py --topology=v5p-2 --program=edit --resolution=512
 
-`--program=edit` prices one edit instead, piece by piece (mgie_jax.inference.aot).
+`--program=edit` prices one edit instead, piece by piece (mgie_jax.inference.edit_aot).
 
 With the config's pretrained folders empty, the towers take their standard shapes (LLaVA-7B v1,
 CLIP ViT-L/14, SD-1.5); given, their configs are read (no tensor is). Memory is per device, from
@@ -123,7 +123,7 @@ def main(argv):
   else:                                   # LLaVA-7B v1 + CLIP-L/14 + SD-1.5
     built = build_lib.standard_shapes(c)
   if FLAGS.program == "edit":
-    from mgie_jax.inference import aot as edit_aot
+    from mgie_jax.inference import edit_aot
     log.info("compiling an edit for %s (%d devices)...", topology, len(devices))
     prompt = built.config.llava.num_image_tokens + 64      # image tokens + system prompt and instruction
     r = edit_aot.compile_edit(c, built, devices, resolution=FLAGS.resolution, batch=FLAGS.batch,

@@ -12,14 +12,12 @@ import time
 import jax
 from jax.experimental import topologies
 
+from mgie_jax.core.compiled import compiler_numbers
 from mgie_jax.models.layers import unrolled_layers
 from mgie_jax.run.batch import batch_spec
 from mgie_jax.training import flops as flops_lib
 from mgie_jax.training.setup import setup_for
 from mgie_jax.training.step import batch_sharding, jit_train_step
-
-# Custom calls that libtpu's cost model prices at -1 s each (found by compiling single ops).
-UNCOSTED_CALLS = ("ConcatBitcast", "ZeroCrop")
 
 
 def target_devices(topology: str, s=None):
@@ -50,29 +48,22 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   t1 = time.time()
   compiled = lowered.compile()
   t2 = time.time()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  numbers = compiler_numbers(compiled)
   model_flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution,
                                                         spec.text_length)
   out = dict(devices=len(devices), device_kind=devices[0].device_kind, batch=batch, seq_len=seq_len,
              resolution=int(c.data.resolution), unrolled=bool(unroll), lower_s=round(t1 - t0, 1),
              compile_s=round(t2 - t1, 1), model_tflops_per_step=model_flops / 1e12,
-             compiled_tflops_per_device=float(cost.get("flops", 0.0)) / 1e12)
-  if mem is not None:
-    gib = 2.0 ** 30
-    out.update(argument_gib=mem.argument_size_in_bytes / gib, output_gib=mem.output_size_in_bytes / gib,
-               alias_gib=mem.alias_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
-               code_gib=mem.generated_code_size_in_bytes / gib)
+             compiled_tflops_per_device=numbers["flops"] / 1e12)
+  if "argument_gib" in numbers:
+    out.update({k: numbers[k] for k in ("argument_gib", "output_gib", "alias_gib", "temp_gib", "code_gib")})
     out["total_gib"] = (out["argument_gib"] + out["output_gib"] - out["alias_gib"] + out["temp_gib"]
                         + out["code_gib"])
-  if "optimal_seconds" in cost:
-    # libtpu's cost model has no cost for a few custom calls and counts each as -1 s (a program
-    # of one sharded matmul comes out at -0.99998 s): add those back, and say how many there were.
-    text = compiled.as_text() or ""
-    uncosted = sum(text.count(f'custom_call_target="{t}"') for t in UNCOSTED_CALLS)
-    out.update(cost_model_raw_s=float(cost["optimal_seconds"]), uncosted_ops=uncosted,
-               cost_model_step_s=float(cost["optimal_seconds"]) + uncosted)
+  if "cost_model_s" in numbers:
+    # libtpu prices a few custom calls at -1 s each (a program of one sharded matmul comes out at
+    # -0.99998 s): compiler_numbers adds those back and says how many there were.
+    out.update(cost_model_raw_s=numbers["cost_model_raw_s"], uncosted_ops=numbers["uncosted_ops"],
+               cost_model_step_s=numbers["cost_model_s"])
   return out
 
 

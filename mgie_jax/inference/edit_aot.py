@@ -18,12 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgie_jax.core.compiled import compiler_numbers
 from mgie_jax.diffusion.guidance import guided_eps
 from mgie_jax.models.layers import unrolled_layers
 from mgie_jax.run import model as model_lib
-
-# libtpu's cost model prices a few custom calls at -1 s each (see training/aot.py).
-UNCOSTED_CALLS = ("ConcatBitcast", "ZeroCrop")
 
 
 def _abstract_params(placed, dtype):
@@ -36,19 +34,10 @@ def _abstract_params(placed, dtype):
 
 
 def _numbers(compiled) -> dict:
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
-  out = {"flops": float(cost.get("flops", 0.0))}
-  if mem is not None:
-    gib = 2.0 ** 30
-    out.update(argument_gib=mem.argument_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
-               output_gib=mem.output_size_in_bytes / gib, alias_gib=mem.alias_size_in_bytes / gib)
-  if "optimal_seconds" in cost:
-    text = compiled.as_text() or ""
-    out["seconds"] = float(cost["optimal_seconds"]) + sum(text.count(f'custom_call_target="{t}"')
-                                                         for t in UNCOSTED_CALLS)
-  return out
+  n = compiler_numbers(compiled)
+  if "cost_model_s" in n:
+    n["seconds"] = n.pop("cost_model_s")
+  return n
 
 
 def compile_edit(c, built, devices, *, resolution: int, batch: int, new_tokens: int, steps: int,
