@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -77,8 +76,7 @@ def _lock_run(workdir, lead):
   """Process 0 takes the run's writer lock for all hosts of this run; every host learns the
   outcome, so a refused run stops everywhere with the same line."""
   import jax
-  from jax.experimental import multihost_utils
-
+  from mgie_jax.core import parallel
   from mgie_jax.training.writer_lock import WriterLock
   lock, refused = None, None
   if lead:
@@ -87,7 +85,7 @@ def _lock_run(workdir, lead):
     except errors.UserError as e:
       refused = e
   if jax.process_count() > 1:
-    if np.asarray(multihost_utils.process_allgather(np.int32(refused is not None))).any() and refused is None:
+    if parallel.hosts_max(int(refused is not None), "run_locked") and refused is None:
       if lock:
         lock.release()
       raise errors.RUN_LOCKED(workdir=workdir, holder="see process 0's message")

@@ -223,6 +223,13 @@ def train_cmd(workdir, data, *extra):
           "--config.eval.at_end=False", "--config.train.ema_decay=0.999", *extra]
 
 
+def without_thread_dumps(out: str) -> str:
+  """A crashed process's log without the stacks Python's fault handler prints for every thread,
+  so that a failure shows what went wrong rather than which threads were waiting."""
+  dump = ("Thread 0x", "Current thread 0x", 'File "', "Extension modules:")
+  return "\n".join(line for line in out.splitlines() if not line.strip().startswith(dump))
+
+
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -364,14 +371,17 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
 
   def finish(procs):
     outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out[-3000:]
+    for i, (p, out) in enumerate(zip(procs, outs)):
+      assert p.returncode == 0, f"process {i} exited {p.returncode}:\n" + without_thread_dumps(out)[-4000:]
     return outs
 
   procs = launch()
   deadline = time.time() + 600
   while not (os.path.exists(os.path.join(two, "metrics.jsonl")) and max(losses(two), default=0) >= 3):
-    assert time.time() < deadline and procs[0].poll() is None, "training ended before the signal"
+    if any(p.poll() is not None for p in procs):
+      finish(procs)                            # a crash shows its log
+      raise AssertionError("training ended before the signal")
+    assert time.time() < deadline, "no step 3 in 600 s"
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)        # process 1 only
   outs = finish(procs)

@@ -10,8 +10,8 @@ import logging
 import os
 
 import jax
+import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from data_pipelines.synthetic import COLORS
 from mgie_jax.core import cli, errors
@@ -188,6 +188,6 @@ def evaluate(c, workdir: str) -> None:
       del editor
   bar.close()
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("evaluation rows written")
+    ocp.multihost.sync_global_processes("evaluation rows written")     # not a device program
   if lead:
     write_reports(workdir, c, metric_names, metrics)

@@ -19,13 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
-from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from data_pipelines import prepare
 from data_pipelines.loader import LoaderConfig, make_loader, open_source
 from data_pipelines.synthetic import COLORS
-from mgie_jax.core import cli, paths
+from mgie_jax.core import cli, parallel, paths
 from mgie_jax.core.images import decode_rgb
 from mgie_jax.core.parallel import cpu_threads_advice
 from mgie_jax.inference import pipeline as inference
@@ -242,17 +241,14 @@ class Preempted:
 
   def agreed(self, step: int, ckpt) -> bool:
     local = self.flag or ckpt.manager.reached_preemption(step)
-    if jax.process_count() == 1:
-      return local
-    # One tiny all-gather per step boundary: every host learns whether any host was told to stop.
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
+    return parallel.hosts_max(int(local), "stop") > 0    # any host told to stop stops them all
 
 
 def _once(lead, what, make, path):
   """`make()` on process 0 (it writes `path`), the others wait; returns `path`."""
   out = make() if lead else path
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(what)
+    ocp.multihost.sync_global_processes(what)
   return out
 
 
@@ -276,8 +272,7 @@ def trim_to_bucket(host: dict, buckets: list) -> int:
   if len(buckets) == 1 or "attention_mask" not in host:
     return buckets[-1]
   longest = int(np.max(np.sum(host["attention_mask"], axis=1)))
-  if jax.process_count() > 1:
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+  longest = parallel.hosts_max(longest, "longest")
   length = bucket_for(longest, buckets)
   for k in TOKENS:
     host[k] = host[k][:, :length]
