@@ -10,11 +10,10 @@ import logging
 import os
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
 from data_pipelines.synthetic import COLORS
-from mgie_jax.core import cli, errors
+from mgie_jax.core import cli, errors, parallel
 from mgie_jax.evaluation import editors as ed
 from mgie_jax.evaluation import metrics as metrics_lib
 from mgie_jax.evaluation import report
@@ -187,7 +186,6 @@ def evaluate(c, workdir: str) -> None:
         sw.run(examples, bar)
       del editor
   bar.close()
-  if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes("evaluation rows written")     # not a device program
+  parallel.hosts_barrier("evaluation rows written")
   if lead:
     write_reports(workdir, c, metric_names, metrics)

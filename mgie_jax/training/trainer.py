@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
 from tensorboardX import SummaryWriter
@@ -132,10 +131,9 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
     return compiled[length]
 
   step_for(buckets[-1])     # the longest first: a batch of any length fits in memory if this does
-  if jax.process_count() > 1:
-    # Start the loop together: a host still compiling or restoring would time out the others'
-    # first collective (CPU collectives give up after 30 s); this barrier waits minutes.
-    ocp.multihost.sync_global_processes("mgie_jax.train: compiled")
+  # Start the loop together: a host still compiling or restoring would time out the others' first
+  # collective (CPU collectives set up within 30 s or give up); this barrier waits minutes.
+  parallel.hosts_barrier("compiled")
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
@@ -247,8 +245,7 @@ class Preempted:
 def _once(lead, what, make, path):
   """`make()` on process 0 (it writes `path`), the others wait; returns `path`."""
   out = make() if lead else path
-  if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(what)
+  parallel.hosts_barrier(what)
   return out
 
 
