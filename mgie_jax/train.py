@@ -76,7 +76,7 @@ def _lock_run(workdir, lead):
   """Process 0 takes the run's writer lock for all hosts of this run; every host learns the
   outcome, so a refused run stops everywhere with the same line."""
   import jax
-  from mgie_jax.core import parallel
+  from mgie_jax.core import hosts
   from mgie_jax.training.writer_lock import WriterLock
   lock, refused = None, None
   if lead:
@@ -85,7 +85,7 @@ def _lock_run(workdir, lead):
     except errors.UserError as e:
       refused = e
   if jax.process_count() > 1:
-    if parallel.hosts_max(int(refused is not None), "run_locked") and refused is None:
+    if hosts.max_of(int(refused is not None), "run_locked") and refused is None:
       if lock:
         lock.release()
       raise errors.RUN_LOCKED(workdir=workdir, holder="see process 0's message")

@@ -55,43 +55,6 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     jax.distributed.initialize()
 
 
-# Hosts agree through the distributed runtime's key-value store, not through a device program: a
-# small all-gather that does not read the train step's outputs can run beside the step's
-# collectives on some devices and not others, and CPU collectives then abort ("collective
-# mismatch"). The store adds no device work and waits as long as a host needs (a save, a sample).
-_AGREE_TIMEOUT_MS = 60 * 60 * 1000
-_agreements: dict[str, int] = {}
-
-
-def _round(what: str):
-  """The distributed client and this call's unique name (every host counts its calls per `what`)."""
-  import orbax.checkpoint as ocp    # the distributed runtime's client, public through Orbax
-  n = _agreements[what] = _agreements.get(what, -1) + 1
-  return ocp.multihost.get_jax_distributed_client(), n, f"mgie_jax/{what}/{n}"
-
-
-def hosts_max(value: int, what: str) -> int:
-  """The largest `value` any host passed; every host calls it at the same point, with the same
-  `what`. A single process returns `value`."""
-  if jax.process_count() == 1:
-    return int(value)
-  client, n, here = _round(what)
-  client.key_value_set(f"{here}/{jax.process_index()}", str(int(value)))
-  client.wait_at_barrier(here, _AGREE_TIMEOUT_MS)
-  values = [int(v) for _, v in client.key_value_dir_get(here + "/")]
-  if n:     # every host is past this barrier, so past reading the previous round: drop our entry
-    client.key_value_delete(f"mgie_jax/{what}/{n - 1}/{jax.process_index()}")
-  return max(values)
-
-
-def hosts_barrier(what: str) -> None:
-  """Wait until every host gets here (minutes if need be: a host may still be compiling or
-  writing); no device program, so it cannot interleave with one."""
-  if jax.process_count() > 1:
-    client, _, here = _round(what)
-    client.wait_at_barrier(here, _AGREE_TIMEOUT_MS)
-
-
 def cpu_threads_advice(platform: str, local_devices: int, cores: int, env) -> str | None:
   """A warning for simulated CPU meshes short of threads, or None. The devices share one thread
   pool and a collective holds its thread while it waits: with about one thread per device a

@@ -13,7 +13,7 @@ import jax
 from etils import epath
 
 from data_pipelines.synthetic import COLORS
-from mgie_jax.core import cli, errors, parallel
+from mgie_jax.core import cli, errors, hosts
 from mgie_jax.evaluation import editors as ed
 from mgie_jax.evaluation import metrics as metrics_lib
 from mgie_jax.evaluation import report
@@ -186,6 +186,6 @@ def evaluate(c, workdir: str) -> None:
         sw.run(examples, bar)
       del editor
   bar.close()
-  parallel.hosts_barrier("evaluation rows written")
+  hosts.barrier("evaluation rows written")
   if lead:
     write_reports(workdir, c, metric_names, metrics)

@@ -23,7 +23,7 @@ from tensorboardX import SummaryWriter
 from data_pipelines import prepare
 from data_pipelines.loader import LoaderConfig, make_loader, open_source
 from data_pipelines.synthetic import COLORS
-from mgie_jax.core import cli, parallel, paths
+from mgie_jax.core import cli, hosts, paths
 from mgie_jax.core.images import decode_rgb
 from mgie_jax.core.parallel import cpu_threads_advice
 from mgie_jax.inference import pipeline as inference
@@ -133,7 +133,7 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   step_for(buckets[-1])     # the longest first: a batch of any length fits in memory if this does
   # Start the loop together: a host still compiling or restoring would time out the others' first
   # collective (CPU collectives set up within 30 s or give up); this barrier waits minutes.
-  parallel.hosts_barrier("compiled")
+  hosts.barrier("compiled")
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
@@ -239,13 +239,13 @@ class Preempted:
 
   def agreed(self, step: int, ckpt) -> bool:
     local = self.flag or ckpt.manager.reached_preemption(step)
-    return parallel.hosts_max(int(local), "stop") > 0    # any host told to stop stops them all
+    return hosts.max_of(int(local), "stop") > 0    # any host told to stop stops them all
 
 
 def _once(lead, what, make, path):
   """`make()` on process 0 (it writes `path`), the others wait; returns `path`."""
   out = make() if lead else path
-  parallel.hosts_barrier(what)
+  hosts.barrier(what)
   return out
 
 
@@ -269,7 +269,7 @@ def trim_to_bucket(host: dict, buckets: list) -> int:
   if len(buckets) == 1 or "attention_mask" not in host:
     return buckets[-1]
   longest = int(np.max(np.sum(host["attention_mask"], axis=1)))
-  longest = parallel.hosts_max(longest, "longest")
+  longest = hosts.max_of(longest, "longest")
   length = bucket_for(longest, buckets)
   for k in TOKENS:
     host[k] = host[k][:, :length]
