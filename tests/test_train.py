@@ -353,13 +353,11 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data, killed_
 
 def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp_path):
   """2 processes x 4 CPU devices (jax.distributed over loopback) give the same losses as 1 x 8,
-  batches cut to the length the hosts agree on, also when only process 1 gets SIGTERM mid-run:
-  both save the same step, exit 0, and the same command resumes to the uninterrupted losses."""
+  also when only process 1 gets SIGTERM mid-run: both save the same step, exit 0, and the same
+  command resumes to the uninterrupted losses."""
   one = str(tmp_path / "one")
-  # A shorter length bucket: each host sees only its half of a batch, so the hosts must agree on
-  # the length (they compile and run the same program or their collectives mismatch).
   mesh = ["--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.train.steps=24", "--config.data.shards=2",
-          "--config.checkpoint.every=100", "--config.data.length_buckets=(94,)"]
+          "--config.checkpoint.every=100"]
   subprocess.run(train_cmd(one, data, *mesh), cwd=ROOT, env=env(8), check=True, capture_output=True, timeout=600)
   two = str(tmp_path / "two")
   import portpicker
@@ -392,9 +390,7 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
   stop = {int(m.group(1)) for m in saved}
   assert len(stop) == 1 and stop.pop() < 24
   assert max(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) < 24
-  outs += finish(launch())                    # the same command resumes
-  compiled = {int(n) for out in outs for n in re.findall(r"compiled the train step for (\d+) tokens", out)}
-  assert compiled == {94, 96}, compiled
+  finish(launch())                            # the same command resumes
   want, got = losses(one), losses(two)
   assert sorted(got) == sorted(want) == list(range(1, 25))
   for step in want:
