@@ -75,7 +75,6 @@ def main(argv):
 def _lock_run(workdir, lead):
   """Process 0 takes the run's writer lock for all hosts of this run; every host learns the
   outcome, so a refused run stops everywhere with the same line."""
-  import jax
   from mgie_jax.core import hosts
   from mgie_jax.training.writer_lock import WriterLock
   lock, refused = None, None
@@ -84,11 +83,10 @@ def _lock_run(workdir, lead):
       lock = WriterLock(workdir).acquire()
     except errors.UserError as e:
       refused = e
-  if jax.process_count() > 1:
-    if hosts.max_of(int(refused is not None), "run_locked") and refused is None:
-      if lock:
-        lock.release()
-      raise errors.RUN_LOCKED(workdir=workdir, holder="see process 0's message")
+  if hosts.max_of(int(refused is not None), "run_locked") and refused is None:
+    if lock:
+      lock.release()
+    raise errors.RUN_LOCKED(workdir=workdir, holder="see process 0's message")
   if refused is not None:
     raise refused
   return lock

@@ -128,12 +128,13 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
       log.info("compiled the train step for %d tokens in %.1f s; memory per device: %s", length,
                time.time() - t0, memory_report(compiled[length]))
       flops[length] = flops_lib.mgie_flops_per_sample(template, length, c.data.resolution, spec.text_length)
+      # Run it together (every host compiles a bucket at the same step): a host still compiling or
+      # restoring would time out the others' first collective (CPU collectives set up within 30 s
+      # or give up); this barrier waits minutes.
+      hosts.barrier("compiled")
     return compiled[length]
 
   step_for(buckets[-1])     # the longest first: a batch of any length fits in memory if this does
-  # Start the loop together: a host still compiling or restoring would time out the others' first
-  # collective (CPU collectives set up within 30 s or give up); this barrier waits minutes.
-  hosts.barrier("compiled")
   peak = flops_lib.peak_tflops()
 
   # --- the loop -------------------------------------------------------------------------------
