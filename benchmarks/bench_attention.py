@@ -11,6 +11,10 @@ to q, k and v). Prints median seconds per call and the ratio torch / ours (>1: w
 
 import argparse
 
+from common import same_pages_as_the_commands  # noqa: E402
+
+same_pages_as_the_commands()      # before torch and JAX start
+
 import jax
 import numpy as np
 import torch

@@ -12,6 +12,10 @@ import argparse
 import os
 import tempfile
 
+from common import same_pages_as_the_commands  # noqa: E402
+
+same_pages_as_the_commands()      # before torch and JAX start
+
 import diffusers
 import jax
 import jax.numpy as jnp

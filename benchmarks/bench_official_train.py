@@ -37,6 +37,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import same_pages_as_the_commands  # noqa: E402
+
+same_pages_as_the_commands()
 
 VOCAB, WIDTH, CLIP_WIDTH, CLIP_SIZE, PATCH = 32000, 4096, 1024, 28, 14
 IMG0 = VOCAB + 3                       # after <im_patch>, <im_start>, <im_end>: as the release
@@ -225,9 +228,11 @@ def time_ours(p: dict, release: dict, b: dict, repeats: int, profile: str | None
     float(m["loss"])
     times.append(time.perf_counter() - t0)
   if profile:
+    from benchmarks.profile_summary import print_summary
     with jax.profiler.trace(profile, create_perfetto_trace=True):
       state, m = step(state, frozen, batch)
       float(m["loss"])
+    print_summary(profile, step.as_text())
   return {"seconds": statistics.median(times), "ins": ins, "setup_and_compile": compile_s}
 
 

@@ -10,6 +10,10 @@ after a warm-up. Ratio torch / ours (>1: we are faster).
 
 import argparse
 
+from common import same_pages_as_the_commands  # noqa: E402
+
+same_pages_as_the_commands()      # before torch and JAX start
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -17,12 +17,20 @@ def timeit(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def same_pages_as_the_commands() -> None:
+  """Re-run this script as `python -m mgie_jax.<command>` runs (huge pages for large host buffers,
+  mgie_jax/core/hugepages.py), torch and ours alike; call it before the heavy imports."""
+  from mgie_jax.core import hugepages
+  hugepages.reexec_with_huge_pages(any_program=True)
+
+
 def machine() -> str:
   import jax
   import torch
+  pages = "2 MiB pages" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") else "4 KiB pages"
   return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads), {pages}")
 
 
 def table(rows, width: int = 46) -> None:

@@ -296,6 +296,8 @@ def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
     assert time.time() < deadline and proc.poll() is None, "training ended before the signal"
     time.sleep(0.05)
   proc.send_signal(signal.SIGSTOP)        # hold it mid-run while the second writer tries
+  with open(f"/proc/{proc.pid}/environ", "rb") as f:      # the environment the command re-ran itself with
+    running_env = dict(kv.split("=", 1) for kv in f.read().decode().split("\0") if "=" in kv)
   second = subprocess.run(train_cmd(workdir, data), cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=600)
   proc.send_signal(signal.SIGCONT)
@@ -306,7 +308,14 @@ def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
   assert proc.returncode == 130, logs[0][-3000:]
   out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return workdir, [logs[0], out.stderr], second
+  return workdir, [logs[0], out.stderr], second, running_env
+
+
+def test_the_command_runs_with_huge_pages_where_the_machine_has_them(bucketed_file_url_run):
+  from mgie_jax.core import hugepages
+  argv = [sys.executable, "-m", "mgie_jax.train"]
+  want = hugepages.environment(argv, env())
+  assert bucketed_file_url_run[3].get("GLIBC_TUNABLES") == (want or env()).get("GLIBC_TUNABLES")
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(bucketed_file_url_run):
@@ -319,7 +328,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(bucketed_file_url_run):
 
 
 def test_length_buckets_and_a_file_url_workdir_give_the_same_losses(bucketed_file_url_run, killed_and_resumed):
-  workdir, logs, _ = bucketed_file_url_run
+  workdir, logs = bucketed_file_url_run[:2]
   compiled = {int(n) for log in logs for n in re.findall(r"compiled the train step for (\d+) tokens", log)}
   assert 96 in compiled and compiled & {90, 92, 94}, compiled      # some batches ran shorter
   stopped = int(re.search(r"interrupted at step (\d+): saving", logs[0]).group(1))
@@ -371,8 +380,12 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
 
   def finish(procs):
     outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-    for i, (p, out) in enumerate(zip(procs, outs)):
-      assert p.returncode == 0, f"process {i} exited {p.returncode}:\n" + without_thread_dumps(out)[-4000:]
+    for i, out in enumerate(outs):              # whole logs beside the run, for a failure's post-mortem
+      with open(f"{two}.{len(os.listdir(tmp_path))}.process{i}.log", "w") as f:
+        f.write(out)
+    if any(p.returncode != 0 for p in procs):      # every process's log: the first to fail may be either
+      raise AssertionError("\n".join(f"process {i} exited {p.returncode}:\n" + without_thread_dumps(out)[-3000:]
+                                      for i, (p, out) in enumerate(zip(procs, outs))))
     return outs
 
   procs = launch()

@@ -200,12 +200,14 @@ class LlamaForCausalLM(nnx.Module):
                                    std=cfg.initializer_range)
 
   def embed(self, input_ids):
-    return self.model.embed_tokens(input_ids)
+    with jax.named_scope("embed_tokens"):   # scopes name each part's ops in profiles and HLO
+      return self.model.embed_tokens(input_ids)
 
   def logits(self, hidden):
-    if self.config.tie_word_embeddings:
-      return self.model.embed_tokens.attend(hidden)
-    return self.lm_head(hidden)
+    with jax.named_scope("lm_head"):
+      if self.config.tie_word_embeddings:
+        return self.model.embed_tokens.attend(hidden)
+      return self.lm_head(hidden)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                cache=None) -> LlamaOutput:
@@ -213,7 +215,8 @@ class LlamaForCausalLM(nnx.Module):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
-    hidden, cache = self.model(inputs_embeds, attention_mask, positions, cache)
+    with jax.named_scope("decoder"):
+      hidden, cache = self.model(inputs_embeds, attention_mask, positions, cache)
     logits = constrain(self.logits(hidden), ("batch", "length", "vocab"))
     return LlamaOutput(logits, hidden, cache)
 

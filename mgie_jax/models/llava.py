@@ -87,11 +87,13 @@ class LlavaForConditionalGeneration(nnx.Module):
 
   def image_features(self, pixel_values):
     """[B, 224, 224, 3] CLIP-normalised NHWC -> [B, num_image_tokens, text hidden]."""
-    out = self.vision_tower(pixel_values, output_hidden_states=True)
+    with jax.named_scope("clip"):          # scopes name each tower's ops in profiles and HLO
+      out = self.vision_tower(pixel_values, output_hidden_states=True)
     feats = out.hidden_states[self.config.vision_feature_layer]
     if self.config.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
-    return self.multi_modal_projector(feats)
+    with jax.named_scope("projector"):
+      return self.multi_modal_projector(feats)
 
   def embed(self, input_ids, pixel_values=None, image_features=None):
     # The image token id may lie outside the embedding table: look up 0 there instead. A

@@ -110,9 +110,10 @@ def diffusion_loss(unet, vae, cfg, batch: dict, draws: Draws, cond, null, rows_o
   Target latents: a posterior sample x scaling of the edited image; input latents: the posterior
   mean, unscaled; CFG dropout drops the text for p < 2u and the image for u <= p < 3u."""
   frozen_vae = jax.lax.stop_gradient
-  target_post = vae.encode(batch["edited_image"])
-  latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * vae.config.scaling_factor
-  image_latents = frozen_vae(vae.encode(batch["input_image"]).mean)
+  with jax.named_scope("vae"):
+    target_post = vae.encode(batch["edited_image"])
+    latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * vae.config.scaling_factor
+    image_latents = frozen_vae(vae.encode(batch["input_image"]).mean)
   schedule = cfg.noise.ddpm()
   noisy = schedule.add_noise(latents, draws.noise, draws.t)
   u = cfg.uncond_prob
@@ -120,7 +121,8 @@ def diffusion_loss(unet, vae, cfg, batch: dict, draws: Draws, cond, null, rows_o
   drop_image = ((draws.p >= u) & (draws.p < 3 * u))[:, None, None, None]
   cond = jnp.where(drop_text, null, cond)
   image_latents = jnp.where(drop_image, 0.0, image_latents)
-  pred = unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
+  with jax.named_scope("unet"):
+    pred = unet(jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1), draws.t, cond)
   target = schedule.target(latents, draws.noise, draws.t)
   per_row = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
   gamma = getattr(cfg, "min_snr_gamma", 0.0)
@@ -157,7 +159,8 @@ class MGIE(nnx.Module):
     start = img_window_start(input_ids, self.config.img_token_id)
     h = gather_img_window(hidden, jnp.maximum(start, 0))
     e = self.img_embeddings().astype(h.dtype)
-    return self.edit_head(h, e), self.edit_head(jnp.zeros_like(h), e)
+    with jax.named_scope("edit_head"):
+      return self.edit_head(h, e), self.edit_head(jnp.zeros_like(h), e)
 
   def losses(self, batch: dict, draws: Draws, ins_tokens=None, edit_rows=None) -> dict:
     """The joint training loss of one batch; returns loss, ins (L_ins), edit (L_edit) and

@@ -63,9 +63,10 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
                   "no_img": jnp.int32(0)}
       zeros = (zero_out, jax.tree.map(jnp.zeros_like, state.params))
       (out, grads), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**out, "grad_norm": optax.tree.norm(grads)}
+    with jax.named_scope("optimizer"):      # names the update's ops in profiles
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {**out, "grad_norm": optax.tree.norm(grads)}
     ema = state.ema if state.ema is None else update_ema(state.ema, params, state.step, ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
