@@ -27,7 +27,8 @@ def same_pages_as_the_commands() -> None:
 def machine() -> str:
   import jax
   import torch
-  pages = "2 MiB pages" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") else "4 KiB pages"
+  from mgie_jax.core import hugepages
+  pages = "2 MiB pages" if hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "") else "4 KiB pages"
   return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {pages}")

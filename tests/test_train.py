@@ -378,10 +378,10 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
                              cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for i in range(2)]
 
-  def finish(procs):
+  def finish(procs, stage):
     outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     for i, out in enumerate(outs):              # whole logs beside the run, for a failure's post-mortem
-      with open(f"{two}.{len(os.listdir(tmp_path))}.process{i}.log", "w") as f:
+      with open(f"{two}.{stage}.process{i}.log", "w") as f:
         f.write(out)
     if any(p.returncode != 0 for p in procs):      # every process's log: the first to fail may be either
       raise AssertionError("\n".join(f"process {i} exited {p.returncode}:\n" + without_thread_dumps(out)[-3000:]
@@ -392,18 +392,18 @@ def test_two_processes_match_one_process_through_a_one_host_preemption(data, tmp
   deadline = time.time() + 600
   while not (os.path.exists(os.path.join(two, "metrics.jsonl")) and max(losses(two), default=0) >= 3):
     if any(p.poll() is not None for p in procs):
-      finish(procs)                            # a crash shows its log
+      finish(procs, "first")                   # a crash shows its log
       raise AssertionError("training ended before the signal")
     assert time.time() < deadline, "no step 3 in 600 s"
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)        # process 1 only
-  outs = finish(procs)
+  outs = finish(procs, "first")
   saved = [re.search(r"preempted at step (\d+): saving", out) for out in outs]
   assert all(saved), [out[-1500:] for out in outs]
   stop = {int(m.group(1)) for m in saved}
   assert len(stop) == 1 and stop.pop() < 24
   assert max(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) < 24
-  finish(launch())                            # the same command resumes
+  finish(launch(), "resumed")                 # the same command resumes
   want, got = losses(one), losses(two)
   assert sorted(got) == sorted(want) == list(range(1, 25))
   for step in want:

@@ -8,8 +8,9 @@ glibc's `glibc.malloc.hugetlb=1` tunable madvises its mappings for 2 MiB pages, 
 faults. glibc reads tunables only at process start, so a command re-executes itself once with the
 tunable added (same pid, same arguments) before anything heavy is imported.
 
-Left alone: other systems, an older glibc, THP switched off (`never`), a GLIBC_TUNABLES that
-already names `glibc.malloc.hugetlb`, and MGIE_JAX_HUGEPAGES=0 (the opt-out).
+Left alone: other systems, an older glibc, THP other than `madvise` (`always` gives every process
+huge pages already, `never` none), a GLIBC_TUNABLES that already names `glibc.malloc.hugetlb`,
+and MGIE_JAX_HUGEPAGES=0 (the opt-out).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def environment(orig_argv: list[str], environ, thp: str | None = None, glibc: bo
     return None
   if not sys.platform.startswith("linux"):
     return None
-  if (thp if thp is not None else _thp_mode()) not in ("always", "madvise"):
-    return None
+  if (thp if thp is not None else _thp_mode()) != "madvise":
+    return None            # `always`: the kernel already backs large mappings with huge pages
   if not (glibc if glibc is not None else _glibc_at_least(2, 35)):
     return None
   env = dict(environ)
