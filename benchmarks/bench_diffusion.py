@@ -39,6 +39,8 @@ def main():
   p.add_argument("--image", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--attention", default="auto,xla", help="our UNet's attention_impl values to time, comma-separated")
+  p.add_argument("--profile", default="", help="write a JAX profile of one UNet step (first --attention value) here "
+                 "and print where its time goes per op class")
   a = p.parse_args()
   torch.manual_seed(0)
   w = a.width
@@ -83,6 +85,14 @@ def main():
 
     rows.append((f"UNet train step (fwd+bwd), {n_params / 1e6:.1f}M params, attention {impl}", t_torch,
                  timeit(lambda: jax.block_until_ready(jax_step(state, *jx)), a.repeats)))
+    if a.profile and len(rows) == 1:
+      from profile_summary import print_summary
+      with jax.profiler.trace(a.profile, create_perfetto_trace=True):
+        jax.block_until_ready(jax_step(state, *jx))
+      hlo = jax_step.lower(state, *jx).compile().as_text()
+      with open(os.path.join(a.profile, "unet_step.hlo.txt"), "w") as f:
+        f.write(hlo)
+      print_summary(a.profile, hlo, title=f"our UNet step ({impl})")
 
   img = rng.uniform(-1, 1, size=(a.batch, 3, a.image, a.image)).astype(np.float32)
   vg, vs = nnx.split(vae)
