@@ -40,12 +40,11 @@ def _numbers(compiled) -> dict:
   return n
 
 
-def compile_edit(c, built, devices, *, resolution: int, batch: int, new_tokens: int, steps: int,
-                 prompt_length: int, dtype: str = "bfloat16") -> dict:
-  """Compile the edit's pieces for `devices`; returns per piece its count per edit and the
-  compiler's numbers, and the totals per image."""
-  cfg = built.config
-  placed = model_lib.place(c, built, devices)
+def edit_pieces(placed, cfg, *, resolution: int, batch: int, new_tokens: int, steps: int, prompt_length: int,
+                dtype: str = "bfloat16"):
+  """(abstract trainable params, abstract frozen params, pieces): each piece is (name, calls per edit,
+  fn(params, frozen, *inputs), abstract inputs), all on `placed`'s mesh: what
+  compile_edit prices and a benchmark on an accelerator runs."""
   params, frozen = _abstract_params(placed, jnp.dtype(dtype))
   rep = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
   arr = lambda shape, dt=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
@@ -101,6 +100,16 @@ def compile_edit(c, built, devices, *, resolution: int, batch: int, new_tokens: 
        (arr(latent), arr((), jnp.int32), arr(latent), arr(cond), arr(cond))),
       ("VAE decode", 1, decode, (arr(latent),)),
   )
+  return params, frozen, pieces
+
+
+def compile_edit(c, built, devices, *, resolution: int, batch: int, new_tokens: int, steps: int,
+                 prompt_length: int, dtype: str = "bfloat16") -> dict:
+  """Compile the edit's pieces for `devices`; returns per piece its count per edit and the
+  compiler's numbers, and the totals per image."""
+  placed = model_lib.place(c, built, devices)
+  params, frozen, pieces = edit_pieces(placed, built.config, resolution=resolution, batch=batch,
+                                       new_tokens=new_tokens, steps=steps, prompt_length=prompt_length, dtype=dtype)
   rows = []
   with jax.set_mesh(placed.mesh), unrolled_layers():
     for name, count, fn, inputs in pieces:
