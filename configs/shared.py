@@ -21,6 +21,9 @@ def get_config(arg=None):
       attention_impl="auto",              # "blocked" on CPU where it wins, else "xla"; or "cudnn"
       edit_head=dict(),                   # {}: the release's (4096 -> 512 wide, 4+4 layers, 77 x 768 out)
       noise={},                           # {}: the schedule of <pretrained.sd>/scheduler, else SD's
+      # LoRA adapters (rank 0: none). targets: "llm_attention", "llm_mlp", "unet_attention" or
+      # regexes over Linear paths; adapters always train, their base stays as c.trainable says.
+      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=()),
   )
   # Trained parameters, by path prefix; the others are frozen (not checkpointed, rebuilt from
   # their source). The release trains embed_tokens, lm_head, the edit head and the UNet.

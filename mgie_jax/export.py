@@ -8,6 +8,8 @@
                                  its vision tower in llava-v1/clip/
 <out>/llava-hf/                  transformers' LlavaForConditionalGeneration + processor files
 <out>/diffusers/                 an InstructPix2Pix pipeline folder (diffusers)
+<out>/peft/{mllm,unet}/          a LoRA run's adapters alone (PEFT's layout; diffusers' for the UNet)
+A LoRA run's adapters are merged into every other format (W + alpha / r A B).
 The checkpoint is read one module at a time and the frozen towers one tensor at a time from the
 folders the run was trained from. Each format is written to a temporary folder and renamed when
 complete; an existing output is refused unless --overwrite. README.md shows how to load each.
@@ -29,7 +31,7 @@ flags.DEFINE_string("workdir", None, "a training workdir: its latest checkpoint 
 flags.DEFINE_string("checkpoint", None, "a checkpoint folder (<workdir>/checkpoints/<step>)")
 flags.DEFINE_integer("step", None, "with --workdir: this checkpoint step instead of the latest")
 flags.DEFINE_string("out", None, "the output folder (one subfolder per format)")
-flags.DEFINE_list("format", ["mgie"], "any of mgie, llava-v1, llava-hf, diffusers")
+flags.DEFINE_list("format", ["mgie"], "any of mgie, llava-v1, llava-hf, diffusers, peft")
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "tensor dtype of the written files")
 flags.DEFINE_integer("max_shard_mb", 5000, "largest safetensors shard of the LLaVA folders, in MB")
 flags.DEFINE_bool("overwrite", False, "replace existing output folders")
@@ -60,6 +62,14 @@ def main(argv):
   if c.model.get("kind", "mgie") != "mgie" and set(formats) - {"diffusers"}:
     raise errors.BAD_OPTION(flag="--format", detail=f"the run is a {c.model.kind} model, without an MLLM",
                             fix="export it with --format=diffusers")
+  lora = dict(c.model.get("lora", None) or {})
+  if "peft" in formats and not int(lora.get("rank", 0) or 0):
+    raise errors.BAD_OPTION(flag="--format=peft", detail="the run has no LoRA adapters (config.model.lora.rank is 0)",
+                            fix="export its weights with mgie, llava-v1, llava-hf or diffusers")
+  if "mgie" in formats and "peft" not in formats and int(lora.get("rank", 0) or 0) and any(
+      not str(t).startswith("unet") for t in lora.get("targets", ())):
+    raise errors.BAD_OPTION(flag="--format=mgie", detail="mllm.pt holds no LLaMA layers, so the run's LoRA on "
+                            "the language model would be lost", fix="add peft (the adapters) or export llava-v1 / llava-hf (merged)")
   if "mgie" in formats:
     try:
       import torch  # noqa: F401  (mllm.pt / unet.pt are written with torch.save)

@@ -28,7 +28,9 @@ from mgie_jax.convert.release import edit_head_plan
 from mgie_jax.convert.torch_files import CheckpointError, open_weights, shape_of
 from mgie_jax.diffusion.schedule import NoiseSchedule
 from mgie_jax.models import AutoencoderKL, LlavaForConditionalGeneration
+from mgie_jax.models import lora as lora_lib
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
+from mgie_jax.models.lora import LoraConfig
 from mgie_jax.models.mgie import MGIE, MGIEConfig
 from mgie_jax.text import LlamaTokenizer
 
@@ -98,9 +100,10 @@ def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
     return NoiseSchedule.from_diffusers(json.load(f))
 
 
-def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict) -> ModelPlan:
+def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConfig = LoraConfig()) -> ModelPlan:
   """Every parameter of the full MGIE with the loader that reads it (nothing is read here).
-  `rt`: the towers' dtypes; `loss`: the training-loss fields (both from mgie_jax.run.model)."""
+  `rt`: the towers' dtypes; `loss`: the training-loss fields; `lora`: adapters to add, which start
+  from the seed (all from mgie_jax.run.model)."""
   p = c.pretrained
   if not p.llava or not p.sd:
     raise ValueError("config.pretrained.llava and config.pretrained.sd must name local folders")
@@ -138,14 +141,30 @@ def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict) -> ModelPlan:
   loaders.update(_from_plan(vae, "vae."))
   cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   **loss)
+                   lora=lora, **loss)
   abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
+  loaders.update(_adapter_loaders(abstract, c.seed))
   params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   if params != set(loaders):
     raise ValueError(f"internal: parameters without a loader {sorted(params - set(loaders))[:5]}, loaders "
                      f"without a parameter {sorted(set(loaders) - params)[:5]}")
   _check_embeddings(loaders, abstract, p)
   return ModelPlan(cfg, abstract, loaders)
+
+
+def _adapter_loaders(abstract, seed: int) -> dict:
+  """Fresh LoRA factors: A from the seed (one key per layer path), B zeros."""
+  out = {}
+  key = jax.random.key(seed)
+  for path, layer in lora_lib.adapted_layers(abstract).items():
+    a, b = layer.lora_a.get_value(), layer.lora_b.get_value()
+
+    def full_a(path=path, a=a):
+      with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(lora_lib.initial_a(key, path, a.shape, a.dtype))
+    out[f"{path}.lora_a"] = Loader(full_a, lambda i, f=full_a: f()[i])
+    out[f"{path}.lora_b"] = Loader(lambda b=b: np.zeros(b.shape, b.dtype), lambda i, b=b: np.zeros(b.shape[1:], b.dtype))
+  return out
 
 
 def _shape_of(model, path: str):

@@ -14,11 +14,12 @@ from safetensors.numpy import save_file
 DIFFUSERS_VERSION = "0.30.0"
 
 
-def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
-  """One .safetensors file, written atomically (a temporary name, then a rename)."""
+def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict | None = None) -> None:
+  """One .safetensors file, written atomically (a temporary name, then a rename); `metadata`
+  (strings) joins {"format": "pt"} in its header."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
   os.replace(tmp, path)
 
 

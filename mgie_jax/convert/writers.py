@@ -7,6 +7,7 @@
   llava-hf   a transformers LlavaForConditionalGeneration folder (a v1 single-Linear projector
              written exactly: identity activation, identity second Linear) with processor files
   diffusers  an InstructPix2Pix pipeline folder (unet/, vae/, scheduler/, model_index.json)
+  peft       a LoRA run's adapters alone (convert/adapters.py); every other format holds them merged
 
 Writers read parameters from a `source` (mgie_jax.run.workdir.TrainedSource for a run on disk):
 `get(path)` one parameter in our layout (numpy), `layers(path, n)` its per-layer slices, `shape(path)`,
@@ -23,6 +24,7 @@ import shutil
 
 import numpy as np
 
+from mgie_jax.convert.adapters import write_peft
 from mgie_jax.convert.diffusion import derived_rules
 from mgie_jax.convert.mapping import Rule, prefixed
 from mgie_jax.convert.mllm import V1_TOWER, clip_vision_rules, llava_rules
@@ -30,7 +32,7 @@ from mgie_jax.convert.release import edit_head_rules
 from mgie_jax.convert.save import DIFFUSERS_VERSION, save_diffusers, save_sharded, unet_config, vae_config
 from mgie_jax.text import IMG_TOKENS, MGIE_TOKENS, LlamaTokenizer
 
-FORMATS = ("mgie", "llava-v1", "llava-hf", "diffusers")
+FORMATS = ("mgie", "llava-v1", "llava-hf", "diffusers", "peft")
 
 
 def tensors(source, rules: list[Rule], dtype, prefix: str = ""):
@@ -232,4 +234,5 @@ def write_diffusers(source, out: str, dtype="float16") -> list[str]:
   return ["unet", "vae", "scheduler", "model_index.json"]
 
 
-WRITERS = {"mgie": write_mgie, "llava-v1": write_llava_v1, "llava-hf": write_llava_hf, "diffusers": write_diffusers}
+WRITERS = {"mgie": write_mgie, "llava-v1": write_llava_v1, "llava-hf": write_llava_hf, "diffusers": write_diffusers,
+           "peft": write_peft}

@@ -139,13 +139,28 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"
   jit/grad/sharding see as stacked arrays.
   """
   graphdef, state = nnx.split(layers)
+  n = jax.tree.leaves(state)[0].shape[0]
 
   def step(carry, inputs):
-    layer_state, x = inputs
-    return body(nnx.merge(graphdef, layer_state), carry, x)
+    layer_state, x, i = inputs
+    old = getattr(_LAYER, "index", None)
+    _LAYER.index = i
+    try:
+      return body(nnx.merge(graphdef, layer_state), carry, x)
+    finally:
+      _LAYER.index = old
 
-  return jax.lax.scan(maybe_remat(step, remat), carry, (state, xs),
+  return jax.lax.scan(maybe_remat(step, remat), carry, (state, xs, jnp.arange(n, dtype=jnp.int32)),
                       unroll=True if getattr(_UNROLL, "on", False) else 1)
+
+
+_LAYER = threading.local()
+
+
+def layer_index():
+  """The (traced) index of the layer being run inside `scan_layers`, or None outside a stack
+  (LoRA dropout draws a different mask per layer with it)."""
+  return getattr(_LAYER, "index", None)
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):

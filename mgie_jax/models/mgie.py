@@ -22,6 +22,7 @@ from flax import nnx
 from mgie_jax.diffusion.schedule import DDPMSchedule, NoiseSchedule
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from mgie_jax.models.lora import LoraConfig, add_adapters
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mgie_jax.models.vae import AutoencoderKL, VAEConfig
 from mgie_jax.text.template import IGNORE_INDEX, NUM_IMG_TOKENS, img_window_start
@@ -39,6 +40,7 @@ class MGIEConfig:
   uncond_prob: float = 0.05          # CFG dropout unit u
   noise: NoiseSchedule = NoiseSchedule()
   min_snr_gamma: float = 0.0         # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); the release: 0
+  lora: LoraConfig = LoraConfig()    # adapters on chosen Linear layers (models/lora.py); rank 0: none
 
   @property
   def num_train_timesteps(self) -> int:
@@ -141,6 +143,8 @@ class MGIE(nnx.Module):
     self.edit_head = EditHead(cfg.edit_head, rngs=rngs)
     self.unet = UNet2DConditionModel(cfg.unet, rngs=rngs)
     self.vae = AutoencoderKL(cfg.vae, rngs=rngs)
+    if cfg.lora.rank:      # after every tower is built: the towers' own initialisation is unchanged
+      add_adapters(self, cfg.lora, rngs.params())
 
   @classmethod
   def from_parts(cls, cfg: MGIEConfig, mllm, edit_head, unet, vae) -> "MGIE":

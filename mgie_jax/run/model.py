@@ -21,6 +21,7 @@ from mgie_jax.models import ClipVisionConfig, LlamaConfig, LlavaConfig, UNetConf
 from mgie_jax.models.clip import ClipTextConfig
 from mgie_jax.models.edit_head import EditHeadConfig
 from mgie_jax.models.ip2p import InstructPix2Pix, IP2PConfig
+from mgie_jax.models.lora import LoraConfig, LoraParam
 from mgie_jax.models.mgie import MGIE, MGIEConfig
 from mgie_jax.text import LlamaTokenizer
 
@@ -55,6 +56,12 @@ def pretrained(c, name: str) -> str:
   return (p.get(name, "") or "") if p is not None else ""
 
 
+def lora_config(c) -> LoraConfig:
+  l = dict(c.model.get("lora", None) or {})
+  return LoraConfig(rank=int(l.get("rank", 0)), alpha=float(l.get("alpha", 16.0)),
+                    dropout=float(l.get("dropout", 0.0)), targets=tuple(l.get("targets", ()) or ()))
+
+
 def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEConfig:
   """MGIEConfig for a randomly initialised model whose vocabulary is the tokenizer's."""
   m, rt = c.model, runtime(c)
@@ -67,7 +74,7 @@ def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEC
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
       vae=vae or VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
-      ins_loss_weight=c.train.ins_loss_weight, **loss_options(c))
+      ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c), **loss_options(c))
 
 
 def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PConfig:
@@ -128,7 +135,7 @@ def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
     return Built(cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(c.seed))), None, loaded)
   if c.model.init != "pretrained":
     raise ValueError(f"config.model.init must be 'random' or 'pretrained', got {c.model.init!r}")
-  plan = pretrained_lib.pretrained_plan(c, tok, runtime(c), loss_options(c))
+  plan = pretrained_lib.pretrained_plan(c, tok, runtime(c), loss_options(c), lora_config(c))
   return Built(plan.config, plan.abstract, plan)
 
 
@@ -168,7 +175,7 @@ def standard_shapes(c) -> Built:
   cfg = MGIEConfig(
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **rt, remat=m.remat != "none", attention_impl=m.attention_impl),
-      vae=VAEConfig(**rt), img_token_id=32003, ins_loss_weight=c.train.ins_loss_weight,
+      vae=VAEConfig(**rt), img_token_id=32003, ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c),
       **loss_options(c, noise=NoiseSchedule()))
   return Built(cfg, nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0))))
 
@@ -176,12 +183,14 @@ def standard_shapes(c) -> Built:
 # --- trainable / frozen split -------------------------------------------------------------------
 
 def trainable_filter(prefixes):
-  """An nnx filter selecting parameters whose dotted path starts with one of `prefixes`."""
+  """An nnx filter selecting parameters whose dotted path starts with one of `prefixes`, and every
+  LoRA adapter factor."""
   prefixes = tuple(prefixes)
 
   def select(path, value):
     name = ".".join(str(p) for p in path)
-    return isinstance(value, nnx.Param) and any(name == p or name.startswith(p + ".") for p in prefixes)
+    return isinstance(value, LoraParam) or (
+        isinstance(value, nnx.Param) and any(name == p or name.startswith(p + ".") for p in prefixes))
   return select
 
 

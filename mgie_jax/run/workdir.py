@@ -26,6 +26,7 @@ from etils import epath
 from flax import nnx
 
 from mgie_jax.core import errors
+from mgie_jax.models import lora as lora_lib
 from mgie_jax.models.mgie import MGIE
 from mgie_jax.run import model as model_lib
 from mgie_jax.text import LlamaTokenizer
@@ -287,7 +288,11 @@ class TrainedSource:
   """Every parameter of checkpoint `step` of `workdir`, in our layout, read when asked: trained
   ones from the checkpoint one top-level module at a time (numpy, no device), frozen ones from
   where the run took them (pretrained files one tensor at a time, or the seeded initialisation
-  of a small model), so an export never holds the model twice. What convert.writers reads."""
+  of a small model), so an export never holds the model twice. What convert.writers reads.
+
+  A run with LoRA adapters is seen merged: `abstract` and `model_config` are the model without
+  adapters and an adapted layer's kernel is W + (alpha / r) A B; `adapters` names the adapted
+  layers (dotted path -> scaling) and `lora` the run's LoRA config, for the adapter-only format."""
 
   def __init__(self, workdir, step: int):
     self.workdir, self.step = str(workdir), step
@@ -301,14 +306,25 @@ class TrainedSource:
     self._cache: dict = {}
     self._seeded = None
     self._shapes = nnx.to_pure_dict(nnx.state(self.built.abstract))
+    self.lora = getattr(self.built.config, "lora", lora_lib.LoraConfig())
+    self.adapters = {p: l.scaling for p, l in lora_lib.adapted_layers(self.built.abstract).items()}
+    self._merged = None
+    if self.adapters:      # the structure the PyTorch-side formats describe: no adapters
+      cfg = dataclasses.replace(self.built.config, lora=lora_lib.LoraConfig())
+      self._merged = (cfg, nnx.eval_shape(lambda: self.built.cls(cfg, rngs=nnx.Rngs(0))))
 
   @property
   def model_config(self):
-    return self.built.config
+    return self._merged[0] if self._merged else self.built.config
 
   @property
   def abstract(self):
-    return self.built.abstract
+    return self._merged[1] if self._merged else self.built.abstract
+
+  def _adapted(self, path: str) -> str | None:
+    """The adapted layer whose kernel `path` is, if any."""
+    layer = path[:-len(".kernel")] if path.endswith(".kernel") else None
+    return layer if layer in self.adapters else None
 
   def restore_module(self, top: str) -> dict:
     """The trained parameters of one top-level module, as numpy (fp32), cached until `release`."""
@@ -338,15 +354,28 @@ class TrainedSource:
     return _get(self._seeded, path.split("."))
 
   def get(self, path: str) -> np.ndarray:
-    """A parameter by our dotted path, from the checkpoint if trained, else from its source."""
+    """A parameter by our dotted path, from the checkpoint if trained, else from its source (an
+    adapted kernel merged with its adapter)."""
+    layer = self._adapted(path)
+    if layer:
+      return lora_lib.merged_kernel(self.raw(path), self.raw(f"{layer}.lora_a"), self.raw(f"{layer}.lora_b"),
+                                    self.adapters[layer])
+    return self.raw(path)
+
+  def raw(self, path: str) -> np.ndarray:
+    """A parameter as stored (an adapted kernel without its adapter; the factors themselves)."""
     if path in self.trainable:
       return np.asarray(_get(self.restore_module(path.split(".")[0]), path.split(".")[1:]))
     return self._frozen(path)
 
   def layers(self, path: str, n: int):
     """The slices of a parameter stacked over layers; a frozen one read one layer at a time."""
+    layer = self._adapted(path)
     if path not in self.trainable and self.built.plan is not None and self.built.plan.loaders[path].layer:
       loader = self.built.plan.loaders[path]
+      if layer:
+        a, b = self.raw(f"{layer}.lora_a"), self.raw(f"{layer}.lora_b")
+        return (lora_lib.merged_kernel(loader.layer(i), a[i], b[i], self.adapters[layer]) for i in range(n))
       return (np.asarray(loader.layer(i)) for i in range(n))
     arr = self.get(path)
     return (arr[i] for i in range(arr.shape[0]))

@@ -8,6 +8,8 @@ summed gradients equal the full batch's exactly. One step is one optimizer updat
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,8 +17,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mgie_jax.core import parallel
+from mgie_jax.models import lora
 from mgie_jax.models.mgie import sample_draws
 from mgie_jax.training.state import update_ema
+
+LORA_DROPOUT_STREAM = 0x4C6F5241   # folded into the step's key: dropout masks apart from the diffusion draws
 
 
 def _micro(tree, accum: int, j):
@@ -45,8 +50,12 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
     # The whole batch's denominators, so that micro-batch losses add up to the batch's.
     tokens, rows = mcfg.denominators(batch)
 
-    def loss_fn(params, micro, micro_draws):
-      with parallel.activate(mesh, rules):
+    lora_dropout = getattr(getattr(mcfg, "lora", None), "dropout", 0.0)
+    dropout_key = jax.random.fold_in(key, LORA_DROPOUT_STREAM)
+
+    def loss_fn(params, micro, micro_draws, j=0):
+      with parallel.activate(mesh, rules), (
+          lora.dropout(jax.random.fold_in(dropout_key, j)) if lora_dropout else contextlib.nullcontext()):
         out = run.model(params, frozen).losses(micro, micro_draws, tokens, rows)
       return out["loss"], out
 
@@ -57,7 +66,7 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
       def body(carry, j):
         micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_spec),
                              _micro((batch, draws), accum, j))
-        (_, o), g = grad_fn(state.params, *micro)
+        (_, o), g = grad_fn(state.params, *micro, j)
         return jax.tree.map(jnp.add, carry, (o, g)), None
       zero_out = {"loss": jnp.float32(0), "ins": jnp.float32(0), "edit": jnp.float32(0),
                   "no_img": jnp.int32(0)}
