@@ -42,6 +42,6 @@ setup(
         "demo": ["gradio>=6,<7"],
         # playwright drives the system's chromium in the browser test (no browser is downloaded)
         "test": ["pytest", "scikit-image", "portpicker", "torch==2.13.0", "jax[tpu]", "gradio>=6,<7",
-                 "gradio_client", "playwright"],
+                 "gradio_client", "playwright", "peft"],
     },
 )
