@@ -32,7 +32,7 @@ def _module_names(rules, prefix: str) -> dict:
 
 
 def adapter_tensors(source, dtype):
-  """(mllm tensors, unet tensors, mllm module names, unet module names) in the torch layouts."""
+  """({"mllm": tensors, "unet": tensors}, {"mllm": module names, "unet": module names}) in the torch layouts."""
   llama = _module_names(llama_rules(source.model_config.llava.text), LLAMA)
   unet = _module_names(derived_rules(source.abstract.unet), "unet.")
   out = {"mllm": {}, "unet": {}}

@@ -89,7 +89,7 @@ class LoRALinear(nnx.Module):
   def __call__(self, x):
     y = nnx.Linear.__call__(self, x)
     h = x
-    key = _DROPOUT.__dict__.get("key")
+    key = getattr(_DROPOUT, "key", None)
     if self.rate and key is not None:
       key = jax.random.fold_in(key, self.dropout_id)
       index = layers.layer_index()
@@ -172,7 +172,7 @@ _DROPOUT = threading.local()
 @contextlib.contextmanager
 def dropout(key):
   """Adapter dropout on for the forward passes traced inside (a training step's key); off outside."""
-  old = _DROPOUT.__dict__.get("key")
+  old = getattr(_DROPOUT, "key", None)
   _DROPOUT.key = key
   try:
     yield
