@@ -153,7 +153,8 @@ def time_train(c, built, t_start: float) -> tuple[dict, object, object]:
       tried.append(dict(row, run_error=str(e).splitlines()[0][:200]))
       del state, frozen, b
       continue
-    flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution, spec.text_length)
+    flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution, spec.text_length,
+                                                      bool(spec.features))
     peak = flops_lib.peak_tflops(device)
     row.update(seconds_per_step=seconds, samples_per_s=batch / seconds, tokens_per_s=batch * seq_len / seconds,
                model_tflops_per_step=flops / 1e12, mfu=(flops / seconds / 1e12 / peak) if peak else None)

@@ -9,6 +9,8 @@ Batches are dicts of numpy arrays: the fields of mgie_jax.run.batch.BatchSpec (w
 `loader_options()` fill the shape fields of LoaderConfig), plus `key` (bytes [B], the record's
 key, for tracing; not for the device). Token arrays only when a tokenizer is given.
 The iterator's state (`get_state`/`set_state`, or grain's Orbax handler) restores exactly.
+With a frozen-feature cache (`features`, data_pipelines.features) each record's cached VAE
+posteriors and CLIP features replace its images: nothing is decoded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from data_pipelines import feature_cache
 from mgie_jax.core.images import BadImage, clip_view, decode_rgb, mgie_square, to_model_range
 from mgie_jax.text import IGNORE_INDEX, LlamaTokenizer, training_example
 
@@ -52,6 +55,9 @@ class LoaderConfig:
   prefetch: int = 64
   worker_count: int = 0              # > 0: decode in that many worker processes
   drop_remainder: bool = True
+  features: str = ""                 # a frozen-feature cache of this dataset (data_pipelines.features):
+                                     # its fields replace the images
+  feature_fields: tuple = ()         # ((name, shape), ...) the batch expects from the cache
 
 
 class Preprocess:
@@ -65,6 +71,12 @@ class Preprocess:
       self._img0 = self.tokenizer.token_to_id("[IMG0]")
     self.skipped = collections.Counter()
     self._lock = threading.Lock()
+    self._meta = None
+    if cfg.features:
+      self._meta = feature_cache.read_meta(cfg.features)
+      if tuple(self._meta.fields) != tuple((n, tuple(sh)) for n, sh in cfg.feature_fields):
+        raise ValueError(f"the feature cache in {cfg.features} holds {list(self._meta.fields)}, "
+                         f"this model reads {list(cfg.feature_fields)}")
 
   # Worker processes receive a pickled copy (each counts its own skips).
   def __getstate__(self):
@@ -80,22 +92,45 @@ class Preprocess:
       n = sum(self.skipped.values())
     log.warning("skipping record %s (%s); %d skipped so far: %s", key, reason, n, dict(self.skipped))
 
+  def _cached(self, record, key):
+    """The cached frozen features of a record (None when the cache recorded it as skipped)."""
+    meta = self._meta
+    cached_key, arrays, reason = feature_cache.unpack(record["features"], meta)
+    if cached_key != (key if isinstance(key, bytes) else str(key).encode()):
+      raise ValueError(f"the feature cache's record for {key!r} is {cached_key!r}: it was made from "
+                       f"another dataset; make it again with python -m data_pipelines.features")
+    if arrays is None:
+      self._skip(reason, key)
+      return None
+    return {"key": np.asarray(key), **arrays}
+
   def __call__(self, record, rng: np.random.Generator | None = None):
     key = record.get("key", b"?")
+    if "features" in record:
+      out = self._cached(record, key)
+      return None if out is None else self._tokens(record, key, out)
+    out, reason = self.images(record, rng)
+    if out is None:
+      self._skip(reason, key)
+      return None
+    return self._tokens(record, key, out)
+
+  def images(self, record, rng: np.random.Generator | None = None) -> tuple[dict | None, str]:
+    """(the record's key and model-ready images, "") or (None, why it cannot be used)."""
     try:
       src, dst = (mgie_square(decode_rgb(record[k])) for k in ("input_image", "edited_image"))
     except BadImage as e:
-      self._skip(e.reason, key)
-      return None
+      return None, e.reason
     except Exception as e:     # anything else a corrupt file can raise while decoding
-      self._skip(f"decode_error:{type(e).__name__}", key)
-      return None
+      return None, f"decode_error:{type(e).__name__}"
     if rng is not None and self.cfg.random_flip and rng.random() < 0.5:
       src, dst = src.transpose(Image.FLIP_LEFT_RIGHT), dst.transpose(Image.FLIP_LEFT_RIGHT)
-    out = {"key": np.asarray(key),
-           "input_image": to_model_range(src, self.cfg.resolution),
-           "edited_image": to_model_range(dst, self.cfg.resolution),
-           "clip_image": clip_view(src, self.cfg.clip_resolution)}
+    return {"key": np.asarray(record.get("key", b"?")),
+            "input_image": to_model_range(src, self.cfg.resolution),
+            "edited_image": to_model_range(dst, self.cfg.resolution),
+            "clip_image": clip_view(src, self.cfg.clip_resolution)}, ""
+
+  def _tokens(self, record, key, out):
     if self.tokenizer is not None:
       text = lambda k: record[k].decode("utf-8") if isinstance(record[k], bytes) else record[k]
       try:
@@ -127,11 +162,13 @@ class _RandomPreprocess(grain.transforms.RandomMap):
     return self.fn(record, rng)
 
 
-def open_source(data_dir: str, split: str):
+def open_source(data_dir: str, split: str, features: str = ""):
+  """A split's records; with `features` (a frozen-feature cache folder), each with its cache record."""
   builder = tfds.builder_from_directory(data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"{data_dir} has splits {list(builder.info.splits)}, not {split!r}")
-  return builder.as_data_source(split)
+  source = builder.as_data_source(split)
+  return feature_cache.JoinedSource(source, features, split) if features else source
 
 
 def make_dataset(cfg: LoaderConfig, shard_index: int = 0, shard_count: int = 1,
@@ -139,7 +176,7 @@ def make_dataset(cfg: LoaderConfig, shard_index: int = 0, shard_count: int = 1,
   """One data shard's pipeline as a grain IterDataset (checkpointable when iterated)."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
-  source = open_source(cfg.data_dir, cfg.split)
+  source = open_source(cfg.data_dir, cfg.split, cfg.features)
   ds = grain.MapDataset.source(source)[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f"data shard {shard_index}/{shard_count} gets no examples of {cfg.split!r}")

@@ -49,6 +49,10 @@ def main(argv):
   lead = jax.process_index() == 0
   # --- checks before anything is built --------------------------------------------------------
   check_training_config(c, jax.device_count(), jax.process_count())
+  if c.data.get("features", ""):
+    from data_pipelines.feature_cache import check_cache
+    from mgie_jax.run.model import tower_sources
+    check_cache(c.data.features, tower_sources(c, workdir))
   if not c.data.dir and not paths.is_local(workdir):
     raise errors.BAD_OPTION(flag="--workdir", detail="the synthetic data is generated under a local workdir",
                             fix="use a local --workdir, or give a built dataset as --config.data.dir")

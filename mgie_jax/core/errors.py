@@ -117,6 +117,18 @@ RUN_LOCKED = _problem("run_locked", "another train command is writing to {workdi
                       "wait for it to finish or stop it (Ctrl-C saves), or give another --workdir; a lock left "
                       "by a killed process on this machine is cleared at once, one from another machine "
                       "once its heartbeat is 5 minutes old")
+FEATURES_MISSING = _problem("features_missing", "config.data.features={path} holds no frozen-feature cache "
+                            "(no meta.json)", "make it with python -m data_pipelines.features --config=<this "
+                            "config> (or leave config.data.features empty to encode the images every step)")
+FEATURES_INCOMPLETE = _problem("features_incomplete", "the frozen-feature cache {path} lacks {missing} of its "
+                               "{total} {split} shards", "finish it: re-run python -m data_pipelines.features with "
+                               "the same flags (it resumes)")
+FEATURES_STALE = _problem("features_stale", "the frozen-feature cache {path} was made {what}",
+                          "make a cache for these models into another folder (--out) and point "
+                          "config.data.features at it")
+FEATURES_TRAINED = _problem("features_trained", "{detail} trains, but a frozen-feature cache holds the outputs "
+                            "of the frozen VAE and CLIP tower", "keep them frozen (config.trainable), or leave "
+                            "config.data.features empty")
 BAD_OPTION = _problem("bad_option", "{flag}: {detail}", "{fix}", "says which values are valid")
 
 

@@ -77,6 +77,16 @@ def splice_image_features(embeds, input_ids, features, image_token_id: int):
   return jnp.where(is_img[..., None], gathered, embeds)
 
 
+def select_vision_features(vision_tower, cfg: LlavaConfig, pixel_values):
+  """What the projector reads: CLIP's hidden_states[vision_feature_layer], CLS dropped by the
+  "default" strategy; [B, num_image_tokens, vision hidden]. A function of the tower alone, so
+  that the frozen-feature cache runs it without the language model."""
+  with jax.named_scope("clip"):          # scopes name each tower's ops in profiles and HLO
+    out = vision_tower(pixel_values, output_hidden_states=True)
+  feats = out.hidden_states[cfg.vision_feature_layer]
+  return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+
 class LlavaForConditionalGeneration(nnx.Module):
 
   def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
@@ -85,15 +95,13 @@ class LlavaForConditionalGeneration(nnx.Module):
     self.multi_modal_projector = Projector(cfg, rngs)
     self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
 
-  def image_features(self, pixel_values):
-    """[B, 224, 224, 3] CLIP-normalised NHWC -> [B, num_image_tokens, text hidden]."""
-    with jax.named_scope("clip"):          # scopes name each tower's ops in profiles and HLO
-      out = self.vision_tower(pixel_values, output_hidden_states=True)
-    feats = out.hidden_states[self.config.vision_feature_layer]
-    if self.config.vision_feature_select_strategy == "default":
-      feats = feats[:, 1:]
+  def image_features(self, pixel_values=None, vision_features=None):
+    """[B, 224, 224, 3] CLIP-normalised NHWC (or the CLIP features the projector reads, e.g.
+    from a frozen-feature cache) -> [B, num_image_tokens, text hidden]."""
+    if vision_features is None:
+      vision_features = select_vision_features(self.vision_tower, self.config, pixel_values)
     with jax.named_scope("projector"):
-      return self.multi_modal_projector(feats)
+      return self.multi_modal_projector(vision_features)
 
   def embed(self, input_ids, pixel_values=None, image_features=None):
     # The image token id may lie outside the embedding table: look up 0 there instead. A

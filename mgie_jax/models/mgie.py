@@ -21,10 +21,10 @@ from flax import nnx
 
 from mgie_jax.diffusion.schedule import DDPMSchedule, NoiseSchedule
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
-from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from mgie_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration, select_vision_features
 from mgie_jax.models.lora import LoraConfig, add_adapters
 from mgie_jax.models.unet import UNet2DConditionModel, UNetConfig
-from mgie_jax.models.vae import AutoencoderKL, VAEConfig
+from mgie_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from mgie_jax.text.template import IGNORE_INDEX, NUM_IMG_TOKENS, img_window_start
 
 
@@ -106,16 +106,44 @@ def has_img_window(input_ids, img0_id: int):
   return jnp.any(input_ids == img0_id, axis=1)
 
 
+# What the frozen towers give the training loss, as the frozen-feature cache stores it
+# (data_pipelines/features.py): the VAE posteriors (unscaled; the target's sample is drawn at
+# training time from the step's own noise) and the CLIP features the projector reads.
+FEATURES = ("edited_latent_mean", "edited_latent_logvar", "input_latent_mean", "clip_features")
+
+
+def frozen_features(vae, vision_tower, llava_cfg: LlavaConfig, input_image, edited_image, clip_image) -> dict:
+  """The FEATURES of a batch of images, computed exactly as the training loss computes them."""
+  target, source = vae.encode(edited_image), vae.encode(input_image)
+  return {"edited_latent_mean": target.mean, "edited_latent_logvar": target.logvar,
+          "input_latent_mean": source.mean,
+          "clip_features": select_vision_features(vision_tower, llava_cfg, clip_image)}
+
+
+def feature_shapes(cfg: "MGIEConfig", resolution: int) -> dict:
+  """name -> shape of one example's FEATURES."""
+  h = resolution // 2 ** (len(cfg.vae.block_out_channels) - 1)
+  latent = (h, h, cfg.vae.latent_channels)
+  return {"edited_latent_mean": latent, "edited_latent_logvar": latent, "input_latent_mean": latent,
+          "clip_features": (cfg.num_image_tokens, cfg.llava.vision.hidden_size)}
+
+
 def diffusion_loss(unet, vae, cfg, batch: dict, draws: Draws, cond, null, rows_ok, rows):
   """InstructPix2Pix's epsilon (or v) MSE as MGIE trains it, summed over `rows_ok` rows / `rows`.
 
   Target latents: a posterior sample x scaling of the edited image; input latents: the posterior
   mean, unscaled; CFG dropout drops the text for p < 2u and the image for u <= p < 3u."""
   frozen_vae = jax.lax.stop_gradient
-  with jax.named_scope("vae"):
-    target_post = vae.encode(batch["edited_image"])
-    latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * vae.config.scaling_factor
-    image_latents = frozen_vae(vae.encode(batch["input_image"]).mean)
+  if FEATURES[0] in batch:       # read from the frozen-feature cache: the same posterior, no encoder
+    dt = vae.config.dtype            # the cache holds the encoder's outputs, perhaps widened to fp32
+    target_post = DiagonalGaussian(batch["edited_latent_mean"].astype(dt), batch["edited_latent_logvar"].astype(dt))
+    source_mean = batch["input_latent_mean"].astype(dt)
+  else:
+    with jax.named_scope("vae"):
+      target_post = vae.encode(batch["edited_image"])
+      source_mean = vae.encode(batch["input_image"]).mean
+  latents = frozen_vae(target_post.mean + target_post.std * draws.posterior) * vae.config.scaling_factor
+  image_latents = frozen_vae(source_mean)
   schedule = cfg.noise.ddpm()
   noisy = schedule.add_noise(latents, draws.noise, draws.t)
   u = cfg.uncond_prob
@@ -174,7 +202,11 @@ class MGIE(nnx.Module):
     passes that batch's `ins_tokens` / `edit_rows` so that micro-batch losses sum to the batch's.
     """
     cfg = self.config
-    out = self.mllm(batch["input_ids"], batch["clip_image"], attention_mask=batch["attention_mask"])
+    if "clip_features" in batch:      # the frozen-feature cache: the projector reads them directly
+      feats = self.mllm.image_features(vision_features=batch["clip_features"].astype(cfg.llava.vision.dtype))
+      out = self.mllm(batch["input_ids"], image_features=feats, attention_mask=batch["attention_mask"])
+    else:
+      out = self.mllm(batch["input_ids"], batch["clip_image"], attention_mask=batch["attention_mask"])
     l_ins = token_cross_entropy(out.logits, batch["labels"], ins_tokens)
     ok = has_img_window(batch["input_ids"], cfg.img_token_id)
     if edit_rows is None:

@@ -7,6 +7,10 @@ the AOT compiler compiles for the same shapes (mgie_jax.compile).
   input_ids, labels, attention_mask  int32 [B, L]                (L = a length bucket <= max_length)
   instruction_ids, instruction_mask  int32 [B, T]                (the terse instruction alone, when
                                                                   config.data.text_length = T > 0)
+
+With a frozen-feature cache (config.data.features), the frozen towers' outputs replace the images:
+  edited_latent_mean, edited_latent_logvar, input_latent_mean   f32 [B, R/8, R/8, 4]
+  clip_features                  f32 [B, num_image_tokens, CLIP hidden]  (what the projector reads)
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 
 import jax
 import numpy as np
+
+from mgie_jax.models.mgie import feature_shapes
 
 IMAGES = ("input_image", "edited_image")
 TOKENS = ("input_ids", "labels", "attention_mask")         # cut to a length bucket
@@ -28,12 +34,16 @@ class BatchSpec:
   max_length: int
   num_image_tokens: int            # the <im_patch> run the token sequence holds
   text_length: int = 0
+  features: tuple = ()             # ((name, shape), ...): cached frozen features instead of images
 
   def fields(self, length: int | None = None) -> dict:
     """name -> (shape of one example, numpy dtype); token arrays at `length` (default max_length)."""
     r, cr, n = self.resolution, self.clip_resolution, length or self.max_length
-    out = {"input_image": ((r, r, 3), np.float32), "edited_image": ((r, r, 3), np.float32),
-           "clip_image": ((cr, cr, 3), np.float32)}
+    if self.features:
+      out = {name: (tuple(shape), np.float32) for name, shape in self.features}
+    else:
+      out = {"input_image": ((r, r, 3), np.float32), "edited_image": ((r, r, 3), np.float32),
+             "clip_image": ((cr, cr, 3), np.float32)}
     out.update({k: ((n,), np.int32) for k in TOKENS})
     if self.text_length:
       out.update({k: ((self.text_length,), np.int32) for k in INSTRUCTION})
@@ -47,15 +57,19 @@ class BatchSpec:
   def loader_options(self) -> dict:
     """The data_pipelines.loader.LoaderConfig fields that shape the batch."""
     return dict(resolution=self.resolution, clip_resolution=self.clip_resolution, max_length=self.max_length,
-                num_image_tokens=self.num_image_tokens, text_length=self.text_length)
+                num_image_tokens=self.num_image_tokens, text_length=self.text_length,
+                feature_fields=self.features)
 
 
 def batch_spec(c, model_config, max_length: int | None = None) -> BatchSpec:
   """The batch of config `c` for a built model's config (its CLIP view and image-token count)."""
+  features = ()
+  if c.data.get("features", ""):
+    features = tuple(feature_shapes(model_config, int(c.data.resolution)).items())
   return BatchSpec(resolution=int(c.data.resolution), clip_resolution=int(model_config.clip_size),
                    max_length=int(max_length or c.data.max_length),
                    num_image_tokens=int(model_config.num_image_tokens),
-                   text_length=int(c.data.get("text_length", 0) or 0))
+                   text_length=int(c.data.get("text_length", 0) or 0), features=features)
 
 
 def length_buckets(c) -> list:

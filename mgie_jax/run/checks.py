@@ -12,7 +12,7 @@ from etils import epath
 from mgie_jax.core import errors, parallel
 from mgie_jax.diffusion.samplers import KINDS
 from mgie_jax.diffusion.schedule import NoiseSchedule
-from mgie_jax.run.model import config_rules, pretrained
+from mgie_jax.run.model import FEATURE_TOWERS, config_rules, model_kind, pretrained
 
 
 def mesh_sizes(mesh: dict, devices: int) -> dict:
@@ -107,6 +107,13 @@ def check_training_config(c, devices: int, processes: int) -> None:
     splits = ("train", "validation") if (c.log.sample_every or c.get("eval", {}).get("every")) else ("train",)
     check_dataset(c.data.dir, "config.data.dir", splits,
                   extra=", or leave config.data.dir empty for the built-in synthetic data")
+  if c.data.get("features", ""):
+    if model_kind(c) != "mgie":
+      raise errors.BAD_OPTION(flag="--config.data.features", detail=f"model.kind={model_kind(c)!r} reads images",
+                              fix="frozen features are MGIE's; leave config.data.features empty")
+    trained = frozen_feature_towers_trained(c)
+    if trained:
+      raise errors.FEATURES_TRAINED(detail=trained)
   if c.data.tokenizer:
     check_tokenizer(c.data.tokenizer, "config.data.tokenizer")
   elif c.data.dir and not pretrained(c, "llava"):
@@ -125,6 +132,15 @@ def check_training_config(c, devices: int, processes: int) -> None:
         check_file(pretrained(c, key), f"config.pretrained.{key}")
   elif pretrained(c, "vae") and pretrained(c, "vae") != "synthetic":
     check_folder(pretrained(c, "vae"), "config.pretrained.vae")
+
+
+def frozen_feature_towers_trained(c) -> str:
+  """The trainable prefix that covers the VAE or the CLIP tower, or "" (a cache needs them frozen)."""
+  for p in c.trainable:
+    for t in FEATURE_TOWERS:
+      if p == t or t.startswith(p + ".") or p.startswith(t + "."):
+        return f"config.trainable {p!r}"
+  return ""
 
 
 def local_path(path: str) -> bool:

@@ -301,3 +301,51 @@ def tokenizer_dir(c, workdir: str) -> str:
   if pretrained(c, "llava"):
     return pretrained(c, "llava")
   return os.path.join(workdir, "data", "synthetic_source", "tokenizer")
+
+
+# The frozen towers whose outputs the frozen-feature cache stores (mgie_jax.models.mgie.FEATURES).
+FEATURE_TOWERS = ("vae", "mllm.vision_tower")
+
+
+def subtree(tree: dict, names) -> dict:
+  """The parts of a nested dict at dotted `names`, nested as in `tree`."""
+  out = {}
+  for name in names:
+    *head, last = name.split(".")
+    src, dst = tree, out
+    for k in head:
+      src, dst = src[k], dst.setdefault(k, {})
+    dst[last] = src[last]
+  return out
+
+
+def frozen_towers(c, built: Built, placed: Placement, names=FEATURE_TOWERS) -> dict:
+  """The frozen towers at dotted `names` only, on their shardings in frozen_dtype: a pretrained
+  model's other towers (the 7B language model) are not read."""
+  if built.plan is None:
+    return subtree(frozen_params(c, built, placed), names)
+  template = subtree(nnx.to_pure_dict(placed.parts.frozen_template), names)
+  shardings = subtree(placed.frozen_sh, names)
+  dtype = jnp.dtype(c.model.frozen_dtype)
+  out = {}
+  for name in names:
+    keys = name.split(".")
+    t, sh, dst = template, shardings, out
+    for k in keys[:-1]:
+      t, sh, dst = t[k], sh[k], dst.setdefault(k, {})
+    dst[keys[-1]] = parallel.place_tree(built.plan.loaders, t[keys[-1]], sh[keys[-1]], dtype, name + ".")
+  return out
+
+
+def tower_sources(c, workdir=None) -> dict:
+  """Where the frozen-feature towers come from, as a config says (checked before anything loads)."""
+  vae = pretrained(c, "vae")
+  if vae == "synthetic" and workdir:
+    vae = synthetic_vae_dir(workdir)
+  if not vae and c.model.init == "pretrained":
+    vae = os.path.join(pretrained(c, "sd"), "vae")
+  vision = (pretrained(c, "vision_tower") or pretrained(c, "llava")) if c.model.init == "pretrained" else ""
+  norm = lambda p: p if p in ("", "synthetic") else os.path.abspath(p)
+  return {"kind": model_kind(c), "init": str(c.model.init), "vae": norm(vae) or f"seed {c.seed}",
+          "vision": norm(vision) or f"seed {c.seed}", "dtype": str(c.model.dtype),
+          "frozen_dtype": str(c.model.frozen_dtype), "resolution": int(c.data.resolution)}

@@ -50,7 +50,7 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   t2 = time.time()
   numbers = compiler_numbers(compiled)
   model_flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution,
-                                                        spec.text_length)
+                                                        spec.text_length, bool(spec.features))
   out = dict(devices=len(devices), device_kind=devices[0].device_kind, batch=batch, seq_len=seq_len,
              resolution=int(c.data.resolution), unrolled=bool(unroll), lower_s=round(t1 - t0, 1),
              compile_s=round(t2 - t1, 1), model_tflops_per_step=model_flops / 1e12,

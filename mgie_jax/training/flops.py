@@ -49,23 +49,27 @@ def _forward_flops(fn, module, *args) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def mgie_flops_per_sample(model, seq_len: int, resolution: int, text_length: int = 0) -> float:
+def mgie_flops_per_sample(model, seq_len: int, resolution: int, text_length: int = 0,
+                          frozen_features: bool = False) -> float:
   """Model FLOPs of one training sample (one forward + backward of the joint loss). For the
-  text-only baseline, the text encoder's (3x: it is trained) instead of the MLLM's."""
+  text-only baseline, the text encoder's (3x: it is trained) instead of the MLLM's. With
+  `frozen_features` (a cache), CLIP and the VAE encoder do not run in the step."""
   cfg = model.config
   if hasattr(cfg, "llava"):
     v = cfg.llava.vision
     f = llama_flops(cfg.llava.text, seq_len)
     pix = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    f += _forward_flops(lambda m, x: m(x, output_hidden_states=True).last_hidden_state,
-                        model.mllm.vision_tower, pix)
+    if not frozen_features:
+      f += _forward_flops(lambda m, x: m(x, output_hidden_states=True).last_hidden_state,
+                          model.mllm.vision_tower, pix)
     ctx_len, ctx_dim = cfg.edit_head.num_queries, cfg.unet.cross_attention_dim
   else:
     ids = jax.ShapeDtypeStruct((1, text_length), jnp.int32)
     f = 3 * _forward_flops(lambda m, i: m(i)[0], model.text_encoder, ids)
     ctx_len, ctx_dim = text_length, cfg.unet.cross_attention_dim
   img = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  f += 2 * _forward_flops(lambda m, x: m.encode(x).mean, model.vae, img)
+  if not frozen_features:
+    f += 2 * _forward_flops(lambda m, x: m.encode(x).mean, model.vae, img)
   factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
   lat = jax.ShapeDtypeStruct((1, resolution // factor, resolution // factor, cfg.unet.in_channels), jnp.float32)
   ctx = jax.ShapeDtypeStruct((1, ctx_len, ctx_dim), jnp.float32)

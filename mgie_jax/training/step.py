@@ -46,7 +46,8 @@ def make_train_step(run, resolution: int, fixed_draws: bool = False):
     key = jax.random.wrap_key_data(state.rng)
     if not fixed_draws:
       key = jax.random.fold_in(key, state.step)
-    draws = sample_draws(key, batch["input_image"].shape[0], latent_shape, mcfg.num_train_timesteps)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    draws = sample_draws(key, rows, latent_shape, mcfg.num_train_timesteps)
     # The whole batch's denominators, so that micro-batch losses add up to the batch's.
     tokens, rows = mcfg.denominators(batch)
 

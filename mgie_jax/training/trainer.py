@@ -20,16 +20,16 @@ from absl import flags
 from flax import nnx
 from tensorboardX import SummaryWriter
 
-from data_pipelines import prepare
+from data_pipelines import feature_cache, prepare
 from data_pipelines.loader import LoaderConfig, make_loader, open_source
 from data_pipelines.synthetic import COLORS
-from mgie_jax.core import cli, hosts, paths
+from mgie_jax.core import cli, errors, hosts, paths
 from mgie_jax.core.images import decode_rgb
 from mgie_jax.core.parallel import cpu_threads_advice
 from mgie_jax.inference import pipeline as inference
 from mgie_jax.run.batch import TOKENS, batch_spec, bucket_for, length_buckets
 from mgie_jax.run.compile_cache import use_compile_cache
-from mgie_jax.run.model import tokenizer_dir
+from mgie_jax.run.model import FEATURE_TOWERS, subtree, tokenizer_dir
 from mgie_jax.training import flops as flops_lib
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import Setup, eval_params, make_setup
@@ -95,7 +95,8 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   spec = batch_spec(c, setup.mcfg)
   loader_cfg = LoaderConfig(data_dir=data_dir, batch_size=c.train.batch_size // jax.process_count(),
                             tokenizer=tok_dir, seed=c.seed, num_threads=c.data.num_threads,
-                            worker_count=c.data.worker_count, **spec.loader_options())
+                            worker_count=c.data.worker_count, features=c.data.get("features", ""),
+                            **spec.loader_options())
   data_iter = make_loader(loader_cfg, jax.process_index(), jax.process_count(), c.data.shards)
   config_json = json.loads(c.to_json_best_effort())
 
@@ -109,6 +110,8 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   else:
     start = 0
     state, frozen = setup.new_state()
+  if c.data.get("features", ""):
+    check_features_fingerprint(c, setup, frozen)
 
   # --- the train step, compiled once per length bucket ------------------------------------------
   batch_sh = batch_sharding(setup)
@@ -127,7 +130,8 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
                                         spec.abstract(c.train.batch_size, batch_sh, length)).compile()
       log.info("compiled the train step for %d tokens in %.1f s; memory per device: %s", length,
                time.time() - t0, memory_report(compiled[length]))
-      flops[length] = flops_lib.mgie_flops_per_sample(template, length, c.data.resolution, spec.text_length)
+      flops[length] = flops_lib.mgie_flops_per_sample(template, length, c.data.resolution, spec.text_length,
+                                                       bool(spec.features))
       # Run it together (every host compiles a bucket at the same step): a host still compiling or
       # restoring would time out the others' first collective (CPU collectives set up within 30 s
       # or give up); this barrier waits minutes.
@@ -241,6 +245,16 @@ class Preempted:
   def agreed(self, step: int, ckpt) -> bool:
     local = self.flag or ckpt.manager.reached_preemption(step)
     return hosts.max_of(int(local), "stop") > 0    # any host told to stop stops them all
+
+
+def check_features_fingerprint(c, setup: Setup, frozen: dict) -> None:
+  """The cache must hold the outputs of these very towers: compared once their weights are loaded
+  (before anything compiles), since the config alone cannot tell re-trained weights in the same folder."""
+  meta = feature_cache.read_meta(c.data.features)
+  mine = feature_cache.towers_fingerprint(subtree(frozen, FEATURE_TOWERS), setup.mcfg, c.data.resolution)
+  if meta.fingerprint != mine:
+    raise errors.FEATURES_STALE(path=c.data.features, what=f"by towers with fingerprint {meta.fingerprint}; "
+                                f"the configured VAE and CLIP weights give {mine}")
 
 
 def _once(lead, what, make, path):
