@@ -15,7 +15,8 @@ CLIP ViT-L/14, SD-1.5); given, their configs are read (no tensor is). Memory is 
 XLA's buffer assignment. FLOPs and step time are XLA's cost-model estimates, not measurements;
 XLA counts a loop body once, so pass --unroll for them (layer stacks traced unrolled: the same
 math, a longer compile). MFU = the model's FLOPs per step (mgie_jax.training.flops) / devices /
-estimated step time / the chip's peak.
+estimated step time / the chip's peak. `--examples=N [--epochs=E]` prices a run at that rate:
+hours on the slice and chip-hours (one JAX device per chip on every slice named here).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ flags.DEFINE_integer("resolution", 512, "--program=edit: the image side")
 flags.DEFINE_integer("batch", 1, "--program=edit: images per edit")
 flags.DEFINE_integer("new_tokens", 32, "--program=edit: tokens of the expressive instruction written")
 flags.DEFINE_integer("steps", 100, "--program=edit: sampler steps")
+flags.DEFINE_integer("examples", 0, "price a run: training examples (e.g. 313010 for IPr2Pr); needs --unroll")
+flags.DEFINE_float("epochs", 1.0, "price a run: passes over --examples")
 flags.mark_flags_as_required(["config"])
 
 log = logging.getLogger("mgie_jax.compile")
@@ -85,6 +88,12 @@ def check(c, topology: str) -> None:
                               fix='pip install -e ".[tpu]" (no TPU needed), or use --topology=local')
   if FLAGS.seq_len < 0:
     raise errors.BAD_OPTION(flag="--seq_len", detail=str(FLAGS.seq_len), fix="use 0 (max_length) or a length")
+  if FLAGS.examples < 0 or FLAGS.epochs <= 0:
+    raise errors.BAD_OPTION(flag="--examples/--epochs", detail=f"{FLAGS.examples}/{FLAGS.epochs}",
+                            fix="use a count of 0 or more and a positive number of epochs")
+  if FLAGS.examples and not FLAGS.unroll:
+    raise errors.BAD_OPTION(flag="--examples", detail="a price needs the cost model's step time",
+                            fix="add --unroll (scanned layers are counted once)")
   if FLAGS.program == "edit":
     for flag in ("resolution", "batch", "new_tokens", "steps"):
       if getattr(FLAGS, flag) < 1:
@@ -135,7 +144,7 @@ def main(argv):
   else:
     log.info("compiling the train step for %s (%d devices)...", topology, len(devices))
     r = aot.compile_train_step(c, built, devices, seq_len, FLAGS.unroll)
-    r.update(aot.estimates(r, sl, sl.peak_tflops if sl else peak_tflops(devices[0])))
+    r.update(aot.estimates(r, sl, sl.peak_tflops if sl else peak_tflops(devices[0]), FLAGS.examples, FLAGS.epochs))
     r["topology"] = topology
     print(aot.report(r, topology), flush=True)
   if FLAGS.json:

@@ -37,7 +37,8 @@ def compiled(tmp_path_factory):
   out = tmp_path_factory.mktemp("compile") / "result.json"
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run([sys.executable, "-m", "mgie_jax.compile", "--config=configs/tiny.py", "--topology=v5e-4",
-                        "--unroll", "--config.pretrained.vae=", "--config.train.batch_size=8", f"--json={out}"],
+                        "--unroll", "--config.pretrained.vae=", "--config.train.batch_size=8", f"--json={out}",
+                        "--examples=1000", "--epochs=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "memory per device" in res.stdout and "compiler estimate: step" in res.stdout, res.stdout
@@ -72,6 +73,9 @@ def test_cost_model_counts_every_layer_and_gives_a_positive_step_time(compiled):
   assert r["compute_floor_s"] == pytest.approx(compiled_total / r["devices"] / 197.0)
   assert r["cost_model_step_s"] >= r["compute_floor_s"], r
   assert 0 < r["mfu"] < 1 and r["samples_per_s"] == pytest.approx(8 / r["cost_model_step_s"])
+  # The price of 1,000 examples x 2 epochs at batch 8: 250 steps on 4 chips.
+  assert r["steps"] == 250 and r["hours"] == pytest.approx(250 * r["cost_model_step_s"] / 3600)
+  assert r["chip_hours"] == pytest.approx(4 * r["hours"])
 
 
 @needs_libtpu
@@ -112,6 +116,8 @@ def test_compile_mistakes_are_one_line():
                                                               "--config.mesh.fsdp=2", "--config.mesh.data=-1"],
                 "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                 "forbid": ["mgie_jax.training.setup:setup_for", "mgie_jax.run.model:standard_shapes"]},
+      "price_scanned": {"module": "mgie_jax.compile", "argv": base + ["--topology=local", "--examples=1000"],
+                        "forbid": ["mgie_jax.run.model:standard_shapes"]},
       "edit_resolution": {"module": "mgie_jax.compile", "argv": base + ["--topology=local", "--program=edit",
                                                                          "--resolution=100"],
                           "forbid": ["mgie_jax.run.model:standard_shapes"]},
@@ -119,4 +125,5 @@ def test_compile_mistakes_are_one_line():
   results = dict(zip(cases, run_cases(list(cases.values()))))
   user_error(results["edit_resolution"], "--resolution", "100", "multiple of 64")
   user_error(results["topology"], "--topology", "v9-8", "v5p-8")
+  user_error(results["price_scanned"], "--examples", "--unroll")
   user_error(results["batch"], "train.batch_size 3")

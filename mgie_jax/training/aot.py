@@ -6,6 +6,7 @@ samples/s and MFU they imply. `mgie_jax.compile` is the command; `Slice` there n
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -67,8 +68,9 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   return out
 
 
-def estimates(result: dict, sl, peak_tflops: float | None) -> dict:
-  """Samples/s and MFU implied by the cost model's step time (when it gave a positive one)."""
+def estimates(result: dict, sl, peak_tflops: float | None, examples: int = 0, epochs: float = 1.0) -> dict:
+  """Samples/s and MFU implied by the cost model's step time (when it gave a positive one), and
+  the hours and chip-hours of `examples` x `epochs` at that rate."""
   out = {}
   if sl is not None:
     out["hbm_gib"] = sl.hbm_gib
@@ -79,6 +81,11 @@ def estimates(result: dict, sl, peak_tflops: float | None) -> dict:
     out["samples_per_s"] = result["batch"] / step
     if peak_tflops:
       out["mfu"] = result["model_tflops_per_step"] / result["devices"] / step / peak_tflops
+    if examples:
+      out.update(examples=int(examples), epochs=float(epochs),
+                 steps=math.ceil(examples * epochs / result["batch"]))
+      out["hours"] = out["steps"] * step / 3600
+      out["chip_hours"] = out["hours"] * result["devices"]
   return out
 
 
@@ -106,4 +113,7 @@ def report(r: dict, topology: str) -> str:
     if "compute_floor_s" in r:
       line += f" (compiled FLOPs at peak: {r['compute_floor_s']:.4f} s)"
     lines.append(line + f" (XLA cost model, not a measurement; {r['uncosted_ops']} uncosted ops added back)")
+    if "chip_hours" in r:
+      lines.append(f"  price: {r['examples']:,} examples x {r['epochs']:g} epochs = {r['steps']:,} steps: "
+                   f"{r['hours']:.1f} h on {r['devices']} chips, {r['chip_hours']:.0f} chip-hours (at the cost model's rate)")
   return "\n".join(lines)
