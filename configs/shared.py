@@ -24,6 +24,9 @@ def get_config(arg=None):
       # LoRA adapters (rank 0: none). targets: "llm_attention", "llm_mlp", "unet_attention" or
       # regexes over Linear paths; adapters always train, their base stays as c.trainable says.
       lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=()),
+      # The prompt the LLaVA was trained on: "llava_v1" (the release's LLaVA-7B v1) or "llava_1_5"
+      # (a llava-hf LLaVA-1.5 folder: the image first, as <image> tokens; configs/ipr2pr_llava15.py).
+      template="llava_v1",
   )
   # Trained parameters, by path prefix; the others are frozen (not checkpointed, rebuilt from
   # their source). The release trains embed_tokens, lm_head, the edit head and the UNet.

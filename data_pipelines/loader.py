@@ -58,6 +58,7 @@ class LoaderConfig:
   features: str = ""                 # a frozen-feature cache of this dataset (data_pipelines.features):
                                      # its fields replace the images
   feature_fields: tuple = ()         # ((name, shape), ...) the batch expects from the cache
+  template: str = "llava_v1"         # the prompt (mgie_jax.text.template.TEMPLATES)
 
 
 class Preprocess:
@@ -135,7 +136,8 @@ class Preprocess:
       text = lambda k: record[k].decode("utf-8") if isinstance(record[k], bytes) else record[k]
       try:
         ex = training_example(self.tokenizer, text("instruction"), text("expressive"),
-                              num_image_tokens=self.cfg.num_image_tokens, max_length=self.cfg.max_length)
+                              num_image_tokens=self.cfg.num_image_tokens, max_length=self.cfg.max_length,
+                              template=self.cfg.template)
       except ValueError:
         self._skip("too_long", key)
         return None

@@ -32,7 +32,7 @@ from mgie_jax.models import lora as lora_lib
 from mgie_jax.models.edit_head import EditHead, EditHeadConfig
 from mgie_jax.models.lora import LoraConfig
 from mgie_jax.models.mgie import MGIE, MGIEConfig
-from mgie_jax.text import LlamaTokenizer
+from mgie_jax.text import TEMPLATES, LlamaTokenizer
 
 EMBED = "mllm.language_model.model.embed_tokens.embedding"
 LM_HEAD = "mllm.language_model.lm_head.kernel"
@@ -100,7 +100,8 @@ def sd_noise_schedule(sd: str) -> NoiseSchedule | None:
     return NoiseSchedule.from_diffusers(json.load(f))
 
 
-def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConfig = LoraConfig()) -> ModelPlan:
+def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConfig = LoraConfig(),
+                    template: str = "llava_v1") -> ModelPlan:
   """Every parameter of the full MGIE with the loader that reads it (nothing is read here).
   `rt`: the towers' dtypes; `loss`: the training-loss fields; `lora`: adapters to add, which start
   from the seed (all from mgie_jax.run.model)."""
@@ -113,8 +114,13 @@ def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConf
                       source=p.llava, ignore=ignore)
   loaders = _from_plan(llava, "mllm.")
   old, vocab = llava_cfg.text.vocab_size, len(tok)
-  if vocab < old:
-    raise ValueError(f"tokenizer has {vocab} tokens, fewer than the checkpoint's {old}")
+  image_token = TEMPLATES[template].image_token
+  if image_token not in tok.added or tok.token_to_id(image_token) != llava_cfg.image_token_id:
+    raise ValueError(f"{p.llava} reads image features at token {llava_cfg.image_token_id}, but the "
+                     f"{template!r} prompt's {image_token} is {tok.added.get(image_token)} in the tokenizer: "
+                     f"set config.model.template to the prompt this LLaVA was trained on")
+  # LLaVA-1.5's llava-hf folders pad the vocabulary to 32064 rows: the MGIE tokens take padding
+  # rows (kept as saved; they train with the rest of the table). Otherwise they are new rows.
   if vocab > old:     # the MGIE tokens: new rows of embed_tokens and lm_head ~ N(0, 0.02)
     k1, k2 = jax.random.split(jax.random.key(c.seed))
     loaders[EMBED] = _grown(loaders[EMBED].full, vocab, 0, k1)
@@ -141,7 +147,7 @@ def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConf
   loaders.update(_from_plan(vae, "vae."))
   cfg = MGIEConfig(llava=llava_cfg, edit_head=head_cfg, unet=unet_cfg, vae=vae_cfg,
                    img_token_id=tok.token_to_id("[IMG0]"), ins_loss_weight=c.train.ins_loss_weight,
-                   lora=lora, **loss)
+                   lora=lora, template=template, **loss)
   abstract = nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0)))
   loaders.update(_adapter_loaders(abstract, c.seed))
   params = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

@@ -68,7 +68,7 @@ def write_mgie(source, out: str, dtype="float16") -> list[str]:
   os.makedirs(out, exist_ok=True)
   torch.save(to_torch(mllm), os.path.join(out, "mllm.pt"))
   with open(os.path.join(out, "edit_head.json"), "w") as f:    # what the shapes do not tell (heads, eps)
-    json.dump(dataclasses.asdict(cfg.edit_head), f, indent=1)
+    json.dump({**dataclasses.asdict(cfg.edit_head), "template": cfg.template}, f, indent=1)
   del mllm, embed
   source.release()
   unet_rules = derived_rules(source.abstract.unet)
@@ -104,7 +104,7 @@ def write_tokenizer(tok: LlamaTokenizer, out: str) -> None:
   does; no tokenizer.json (a stale fast one would disagree: it is rebuilt from these files)."""
   os.makedirs(out, exist_ok=True)
   shutil.copyfile(tok.model_file, os.path.join(out, "tokenizer.model"))
-  added = {t: tok.token_to_id(t) for t in MGIE_TOKENS}
+  added = dict(sorted(tok.added.items(), key=lambda kv: kv[1]))   # MGIE's, and a LLaVA-1.5 folder's <image>, <pad>
   with open(os.path.join(out, "added_tokens.json"), "w") as f:
     json.dump(added, f, indent=1)
   piece = tok.sp.id_to_piece
@@ -120,7 +120,7 @@ def write_tokenizer(tok: LlamaTokenizer, out: str) -> None:
     json.dump(config, f, indent=1)
   with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
     json.dump({"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "unk_token": piece(tok.sp.unk_id()),
-               "additional_special_tokens": list(MGIE_TOKENS)}, f, indent=1)
+               "additional_special_tokens": list(added)}, f, indent=1)
 
 
 def write_clip(source, out: str, dtype) -> str:

@@ -41,7 +41,7 @@ def expressive_instructions(model, tok, clip_images, instructions, *, max_new_to
   Prompts and written sequences are left-padded to a multiple of `length_multiple`."""
   cfg = model.config
   n_img = cfg.llava.num_image_tokens
-  prompts = [tok.encode(prompt_text(i, n_img)) for i in instructions]
+  prompts = [tok.encode(prompt_text(i, n_img, cfg.template)) for i in instructions]
   ids, mask = pad_batch(prompts, padded_length(prompts, length_multiple), pad_id=0, side="left")
   check_image_tokens(ids, cfg.llava.image_token_id, n_img)
   out = greedy_generate(model.mllm, ids, mask, pixel_values=jnp.asarray(clip_images),
@@ -100,7 +100,7 @@ def _token_hits(model, ids, mask, labels, clip_images):
 def _reference_sequences(model, tok, instructions, references):
   """Training's sequences (prompt, reference expressive instruction, [IMG0..7], </s>), uncut."""
   n_img = model.config.llava.num_image_tokens
-  return [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6)
+  return [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6, template=model.config.template)
           for i, r in zip(instructions, references)]
 
 

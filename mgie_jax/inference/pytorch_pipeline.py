@@ -79,9 +79,9 @@ def _given_noise(noise):
 class MGIEPipeline:
   """transformers' LLaVA + the edit head + diffusers' InstructPix2Pix pipeline."""
 
-  def __init__(self, llava, tokenizer, edit_head, emb, ip2p, num_image_tokens: int):
+  def __init__(self, llava, tokenizer, edit_head, emb, ip2p, num_image_tokens: int, template: str = "llava_v1"):
     self.llava, self.tokenizer, self.edit_head, self.emb, self.ip2p = llava, tokenizer, edit_head, emb, ip2p
-    self.num_image_tokens = num_image_tokens
+    self.num_image_tokens, self.template = num_image_tokens, template
     self.img_ids = tokenizer.convert_tokens_to_ids(list(IMG_TOKENS))
 
   @classmethod
@@ -92,22 +92,24 @@ class MGIEPipeline:
         os.path.join(folder, "llava-hf"), torch_dtype=dtype).eval()
     tok = transformers.AutoTokenizer.from_pretrained(os.path.join(folder, "llava-hf"))
     mllm = torch.load(os.path.join(folder, "mgie", "mllm.pt"), weights_only=True)
-    head_cfg = {}
+    head_cfg, template = {}, "llava_v1"
     cfg_file = os.path.join(folder, "mgie", "edit_head.json")
     if os.path.exists(cfg_file):
       with open(cfg_file) as f:
-        head_cfg = {k: v for k, v in json.load(f).items() if k in ("heads", "eps")}
+        saved = json.load(f)
+      head_cfg = {k: v for k, v in saved.items() if k in ("heads", "eps")}
+      template = saved.get("template", template)
     head = EditHead.from_state_dict(mllm, **head_cfg).to(dtype)
     ip2p = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
         os.path.join(folder, "diffusers"), text_encoder=None, tokenizer=None, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False, torch_dtype=dtype)
     ip2p.set_progress_bar_config(disable=True)
-    return cls(llava, tok, head, mllm["emb"].to(dtype), ip2p, llava.config.image_seq_length)
+    return cls(llava, tok, head, mllm["emb"].to(dtype), ip2p, llava.config.image_seq_length, template)
 
   @torch.no_grad()
   def expressive(self, clip_pixels, instruction: str, max_new_tokens: int = 96):
     """(expressive instruction, condition [1, 77, 768], null condition) for one CLIP view [1, 3, c, c]."""
-    prompt = self.tokenizer(prompt_text(instruction, self.num_image_tokens), return_tensors="pt")["input_ids"]
+    prompt = self.tokenizer(prompt_text(instruction, self.num_image_tokens, self.template), return_tensors="pt")["input_ids"]
     eos = self.tokenizer.eos_token_id
     gen = self.llava.generate(input_ids=prompt, pixel_values=clip_pixels, do_sample=False,
                               max_new_tokens=max_new_tokens, no_repeat_ngram_size=3, eos_token_id=eos,

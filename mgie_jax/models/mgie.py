@@ -41,6 +41,7 @@ class MGIEConfig:
   noise: NoiseSchedule = NoiseSchedule()
   min_snr_gamma: float = 0.0         # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); the release: 0
   lora: LoraConfig = LoraConfig()    # adapters on chosen Linear layers (models/lora.py); rank 0: none
+  template: str = "llava_v1"         # the prompt (text/template.py): "llava_v1" or "llava_1_5"
 
   @property
   def num_train_timesteps(self) -> int:

@@ -35,6 +35,7 @@ class BatchSpec:
   num_image_tokens: int            # the <im_patch> run the token sequence holds
   text_length: int = 0
   features: tuple = ()             # ((name, shape), ...): cached frozen features instead of images
+  template: str = "llava_v1"       # the prompt the token arrays hold (text/template.py)
 
   def fields(self, length: int | None = None) -> dict:
     """name -> (shape of one example, numpy dtype); token arrays at `length` (default max_length)."""
@@ -58,7 +59,7 @@ class BatchSpec:
     """The data_pipelines.loader.LoaderConfig fields that shape the batch."""
     return dict(resolution=self.resolution, clip_resolution=self.clip_resolution, max_length=self.max_length,
                 num_image_tokens=self.num_image_tokens, text_length=self.text_length,
-                feature_fields=self.features)
+                feature_fields=self.features, template=self.template)
 
 
 def batch_spec(c, model_config, max_length: int | None = None) -> BatchSpec:
@@ -69,7 +70,8 @@ def batch_spec(c, model_config, max_length: int | None = None) -> BatchSpec:
   return BatchSpec(resolution=int(c.data.resolution), clip_resolution=int(model_config.clip_size),
                    max_length=int(max_length or c.data.max_length),
                    num_image_tokens=int(model_config.num_image_tokens),
-                   text_length=int(c.data.get("text_length", 0) or 0), features=features)
+                   text_length=int(c.data.get("text_length", 0) or 0), features=features,
+                   template=getattr(model_config, "template", "llava_v1"))
 
 
 def length_buckets(c) -> list:

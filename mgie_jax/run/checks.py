@@ -12,7 +12,8 @@ from etils import epath
 from mgie_jax.core import errors, parallel
 from mgie_jax.diffusion.samplers import KINDS
 from mgie_jax.diffusion.schedule import NoiseSchedule
-from mgie_jax.run.model import FEATURE_TOWERS, config_rules, model_kind, pretrained
+from mgie_jax.run.model import FEATURE_TOWERS, config_rules, model_kind, pretrained, template
+from mgie_jax.text import TEMPLATES
 
 
 def mesh_sizes(mesh: dict, devices: int) -> dict:
@@ -90,6 +91,12 @@ def check_training_config(c, devices: int, processes: int) -> None:
   if not 0.0 <= float(c.train.get("ema_decay", 0.0)) < 1.0:
     raise errors.BAD_OPTION(flag="--config.train.ema_decay", detail=f"{c.train.ema_decay}",
                             fix="use 0 (no EMA) or a decay below 1, e.g. 0.999")
+  if template(c) not in TEMPLATES:
+    raise errors.BAD_OPTION(flag="--config.model.template", detail=repr(template(c)), fix=f"use one of {', '.join(TEMPLATES)}")
+  if template(c) != "llava_v1" and c.model.init != "pretrained" and model_kind(c) == "mgie":
+    raise errors.BAD_OPTION(flag="--config.model.template", detail=f"{template(c)!r} is the prompt of a pretrained "
+                            "LLaVA-1.5 folder", fix="set config.model.init=pretrained and config.pretrained.llava, "
+                            "or use llava_v1 for a randomly initialised model")
   sampler = c.get("eval", {}).get("sampler", "euler_ancestral")
   if sampler not in KINDS:
     raise errors.BAD_OPTION(flag="--config.eval.sampler", detail=repr(sampler), fix=f"use one of {', '.join(KINDS)}")

@@ -56,6 +56,11 @@ def pretrained(c, name: str) -> str:
   return (p.get(name, "") or "") if p is not None else ""
 
 
+def template(c) -> str:
+  """The prompt the config's LLaVA was trained on (mgie_jax.text.template.TEMPLATES)."""
+  return str(c.model.get("template", "llava_v1") or "llava_v1")
+
+
 def lora_config(c) -> LoraConfig:
   l = dict(c.model.get("lora", None) or {})
   return LoraConfig(rank=int(l.get("rank", 0)), alpha=float(l.get("alpha", 16.0)),
@@ -135,7 +140,7 @@ def build(c, tok: LlamaTokenizer, workdir=None) -> Built:
     return Built(cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(c.seed))), None, loaded)
   if c.model.init != "pretrained":
     raise ValueError(f"config.model.init must be 'random' or 'pretrained', got {c.model.init!r}")
-  plan = pretrained_lib.pretrained_plan(c, tok, runtime(c), loss_options(c), lora_config(c))
+  plan = pretrained_lib.pretrained_plan(c, tok, runtime(c), loss_options(c), lora_config(c), template(c))
   return Built(plan.config, plan.abstract, plan)
 
 
@@ -168,15 +173,23 @@ def standard_shapes(c) -> Built:
   (mgie_jax.compile) on machines that hold no weights; the layer sizes are the defaults of the
   model configs, which are these towers'."""
   m, rt = c.model, runtime(c)
-  llava = LlavaConfig(
-      vision=ClipVisionConfig(**rt, remat=m.remat, attention_impl=m.attention_impl),
-      text=LlamaConfig(vocab_size=32011, **rt, remat=m.remat, attention_impl=m.attention_impl),
-      projector="linear", image_token_id=32000, layout="v1")
+  if template(c) == "llava_1_5":   # llava-hf/llava-1.5-7b-hf: CLIP-L/14 at 336 px, MLP projector, 32064 rows
+    llava = LlavaConfig(
+        vision=ClipVisionConfig(image_size=336, **rt, remat=m.remat, attention_impl=m.attention_impl),
+        text=LlamaConfig(vocab_size=32064, **rt, remat=m.remat, attention_impl=m.attention_impl),
+        projector="mlp2x_gelu", image_token_id=32000, layout="hf")
+    img0 = 32005             # after <image> <pad> and <im_patch> <im_start> <im_end>
+  else:
+    llava = LlavaConfig(
+        vision=ClipVisionConfig(**rt, remat=m.remat, attention_impl=m.attention_impl),
+        text=LlamaConfig(vocab_size=32011, **rt, remat=m.remat, attention_impl=m.attention_impl),
+        projector="linear", image_token_id=32000, layout="v1")
+    img0 = 32003
   cfg = MGIEConfig(
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **rt, remat=m.remat != "none", attention_impl=m.attention_impl),
-      vae=VAEConfig(**rt), img_token_id=32003, ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c),
-      **loss_options(c, noise=NoiseSchedule()))
+      vae=VAEConfig(**rt), img_token_id=img0, ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c),
+      template=template(c), **loss_options(c, noise=NoiseSchedule()))
   return Built(cfg, nnx.eval_shape(lambda: MGIE(cfg, rngs=nnx.Rngs(0))))
 
 

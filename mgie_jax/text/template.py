@@ -3,6 +3,13 @@
   <s> SYSTEM USER: what will this image be like if '<instruction>'
   <im_start><im_patch>x256<im_end> ASSISTANT: <expressive instruction> [IMG0]...[IMG7]</s>
 
+That is the release's ("llava_v1": LLaVA-7B v1 was trained with the image after the question,
+wrapped in <im_start>/<im_end>). On LLaVA-1.5 ("llava_1_5") the same question is asked the way
+LLaVA-1.5 was trained to read images, Vicuna v1 with the image first and no wrapping tokens:
+
+  <s> SYSTEM USER: <image>x576
+  what will this image be like if '<instruction>' ASSISTANT: <expressive instruction> [IMG0]...[IMG7]</s>
+
 Labels ignore (IGNORE_INDEX) everything up to and including "ASSISTANT:"; the targets are
 the expressive instruction, the eight `[IMG]` tokens and `</s>`.
 """
@@ -13,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from mgie_jax.text.tokenizer import IM_END, IM_PATCH, IM_START, IMG_TOKENS, LlamaTokenizer
+from mgie_jax.text.tokenizer import IM_END, IM_PATCH, IM_START, IMAGE, IMG_TOKENS, LlamaTokenizer
 
 IGNORE_INDEX = -100
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -22,13 +29,27 @@ QUESTION = "what will this image be like if '{instruction}'"
 NUM_IMG_TOKENS = len(IMG_TOKENS)
 
 
-def image_placeholder(num_image_tokens: int = 256) -> str:
-  return IM_START + IM_PATCH * num_image_tokens + IM_END
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """How a LLaVA generation was taught to read an image in a prompt."""
+  image_token: str          # the placeholder the image features replace, one per image token
+  image_first: bool         # the image before the question (LLaVA-1.5) or after it (LLaVA v1)
+  wrap: tuple = ("", "")    # tokens around the image run
 
 
-def prompt_text(instruction: str, num_image_tokens: int = 256) -> str:
+TEMPLATES = {"llava_v1": Template(IM_PATCH, image_first=False, wrap=(IM_START, IM_END)),
+             "llava_1_5": Template(IMAGE, image_first=True)}
+
+
+def image_placeholder(num_image_tokens: int = 256, template: str = "llava_v1") -> str:
+  t = TEMPLATES[template]
+  return t.wrap[0] + t.image_token * num_image_tokens + t.wrap[1]
+
+
+def prompt_text(instruction: str, num_image_tokens: int = 256, template: str = "llava_v1") -> str:
   """The inference prompt, ending in "ASSISTANT:" (Vicuna v1.1: roles joined by ' ', turn ends '</s>')."""
-  question = QUESTION.format(instruction=instruction) + "\n" + image_placeholder(num_image_tokens)
+  image, question = image_placeholder(num_image_tokens, template), QUESTION.format(instruction=instruction)
+  question = f"{image}\n{question}" if TEMPLATES[template].image_first else f"{question}\n{image}"
   return f"{SYSTEM} USER: {question} ASSISTANT:"
 
 
@@ -44,9 +65,9 @@ class Example:
 
 
 def training_example(tok: LlamaTokenizer, instruction: str, expressive: str, *,
-                     num_image_tokens: int = 256, max_length: int = 512) -> Example:
+                     num_image_tokens: int = 256, max_length: int = 512, template: str = "llava_v1") -> Example:
   """Token ids and labels of one training sequence; cuts the expressive text if too long."""
-  prompt = tok.encode(prompt_text(instruction, num_image_tokens))
+  prompt = tok.encode(prompt_text(instruction, num_image_tokens, template))
   text = tok.encode(expressive.strip(), add_bos=False) if expressive.strip() else []
   tail = [tok.token_to_id(t) for t in IMG_TOKENS] + [tok.eos_id]
   room = max_length - len(prompt) - len(tail)

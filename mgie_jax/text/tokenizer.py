@@ -17,6 +17,7 @@ import re
 import sentencepiece as spm
 
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
+IMAGE = "<image>"            # LLaVA-1.5's image placeholder (an added token of its llava-hf folders)
 IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
 LLAVA_V1_TOKENS = (IM_PATCH, IM_START, IM_END)
 MGIE_TOKENS = LLAVA_V1_TOKENS + IMG_TOKENS
