@@ -105,6 +105,8 @@ def results(data, saved_run, tmp_path_factory):
       "noise": train(*train_flags(data, tmp / "w8", "--config.model.noise.prediction_type=epsilon",
                                   "--config.model.noise.rescale_betas_zero_snr=True")),
       "ema_decay": train(*train_flags(data, tmp / "w9", "--config.train.ema_decay=1.0")),
+      "template": train(*train_flags(data, tmp / "w10", "--config.model.template=llava_1_5")),
+      "features_trained": train(*train_flags(data, tmp / "w11", f"--config.data.features={tmp}")),
       "finished": train(*train_flags(data, saved_run, "--config.train.steps=6")),
       "mismatch": train(*train_flags(data, mismatched, "--config.train.steps=8",
                                      "--config.model.unet.block_out_channels=(16, 32)"), forbid=[], env={}),
@@ -168,9 +170,12 @@ def test_train_config_mistakes_before_any_model(results):
   user_error(results["eval_sampler"], "--config.eval.sampler", "'dpm'", "euler_ancestral, euler, ddim")
   user_error(results["noise"], "--config.model.noise", "rescale_betas_zero_snr needs prediction_type='v_prediction'")
   user_error(results["ema_decay"], "--config.train.ema_decay", "1.0", "below 1")
-  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler", "noise", "ema_decay"):
+  user_error(results["template"], "--config.model.template", "'llava_1_5'", "config.model.init=pretrained")
+  user_error(results["features_trained"], "config.trainable 'mllm' trains", "keep them frozen")
+  for name in ("config_key", "batch_mesh", "grad_accum", "not_a_dataset", "eval_sampler", "noise", "ema_decay",
+               "template", "features_trained"):
     assert results[name]["seconds"] < 30, (name, results[name]["seconds"])     # no model, no compile
-  for name in ("w1", "w4", "w5", "w6", "w7", "w8", "w9"):
+  for name in ("w1", "w4", "w5", "w6", "w7", "w8", "w9", "w10", "w11"):
     assert not os.path.exists(os.path.join(results["_paths"]["tmp"], name))   # nothing half-written
 
 
