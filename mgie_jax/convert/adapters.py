@@ -8,8 +8,10 @@
          weight_name="pytorch_lora_weights.safetensors")` on the UNet of the exported diffusers folder (or `PeftModel` as above, from unet/adapter_config.json)
 
 Torch's Linear stores [out, in]: lora_A.weight is A transposed, [r, in], and lora_B.weight is B
-transposed, [out, r]. The bases are the run's frozen (or trained) weights without the adapters: export
-`llava-v1`/`llava-hf` and `diffusers` beside this for a base to load the adapters on.
+transposed, [out, r]. The base to load them on is what the run started from (its pretrained folders:
+an adapted layer's base weight is frozen), not the llava-v1/llava-hf/diffusers exports, which hold
+the adapters merged already. The run's other trained parameters (embed_tokens, lm_head, the edit
+head) are not here: they are in the `mgie` format's mllm.pt.
 """
 
 from __future__ import annotations
