@@ -25,7 +25,8 @@ def get_config(arg=None):
       # regexes over Linear paths; adapters always train, their base stays as c.trainable says.
       lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=()),
       # The prompt the LLaVA was trained on: "llava_v1" (the release's LLaVA-7B v1) or "llava_1_5"
-      # (a llava-hf LLaVA-1.5 folder: the image first, as <image> tokens; configs/ipr2pr_llava15.py).
+      # (a llava-hf LLaVA-1.5 folder: the image first, as <image> tokens; configs/ipr2pr_llava15.py),
+      # or "text_only": LGIE, the language model without the image (configs/lgie.py, tiny_lgie.py).
       template="llava_v1",
   )
   # Trained parameters, by path prefix; the others are frozen (not checkpointed, rebuilt from

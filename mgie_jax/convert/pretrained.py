@@ -115,7 +115,7 @@ def pretrained_plan(c, tok: LlamaTokenizer, rt: dict, loss: dict, lora: LoraConf
   loaders = _from_plan(llava, "mllm.")
   old, vocab = llava_cfg.text.vocab_size, len(tok)
   image_token = TEMPLATES[template].image_token
-  if image_token not in tok.added or tok.token_to_id(image_token) != llava_cfg.image_token_id:
+  if image_token and (image_token not in tok.added or tok.token_to_id(image_token) != llava_cfg.image_token_id):
     raise ValueError(f"{p.llava} reads image features at token {llava_cfg.image_token_id}, but the "
                      f"{template!r} prompt's {image_token} is {tok.added.get(image_token)} in the tokenizer: "
                      f"set config.model.template to the prompt this LLaVA was trained on")

@@ -40,11 +40,11 @@ def expressive_instructions(model, tok, clip_images, instructions, *, max_new_to
   """Generate the expressive instructions; returns (texts, condition U, null condition).
   Prompts and written sequences are left-padded to a multiple of `length_multiple`."""
   cfg = model.config
-  n_img = cfg.llava.num_image_tokens
+  n_img = cfg.prompt_image_tokens
   prompts = [tok.encode(prompt_text(i, n_img, cfg.template)) for i in instructions]
   ids, mask = pad_batch(prompts, padded_length(prompts, length_multiple), pad_id=0, side="left")
   check_image_tokens(ids, cfg.llava.image_token_id, n_img)
-  out = greedy_generate(model.mllm, ids, mask, pixel_values=jnp.asarray(clip_images),
+  out = greedy_generate(model.mllm, ids, mask, pixel_values=_mllm_pixels(cfg, clip_images),
                         max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
                         eos_id=tok.eos_id)
   stop = {tok.eos_id, 0} | {tok.token_to_id(t) for t in IMG_TOKENS}
@@ -68,7 +68,12 @@ def conditions_for(model, ids, mask, clip_images):
   missing = np.nonzero(img_window_start(ids, model.config.img_token_id) < 0)[0]
   if missing.size:
     raise ValueError(f"rows {missing.tolist()} hold no [IMG0]: there is no [IMG] window to read")
-  return _conditions(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(clip_images))
+  return _conditions(model, jnp.asarray(ids), jnp.asarray(mask), _mllm_pixels(model.config, clip_images))
+
+
+def _mllm_pixels(cfg, clip_images):
+  """The CLIP view for the language model, or None for LGIE (which never sees the image)."""
+  return jnp.asarray(clip_images) if cfg.sees_image else None
 
 
 @nnx.jit
@@ -85,7 +90,8 @@ def teacher_forced_accuracy(model, tok, clip_images, instructions, references) -
   length = max(len(e.input_ids) for e in exs)
   ids, mask = pad_batch([e.input_ids for e in exs], length, pad_id=0, side="right")
   labels, _ = pad_batch([e.labels for e in exs], length, pad_id=IGNORE_INDEX, side="right")
-  right, total = _token_hits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels), jnp.asarray(clip_images))
+  right, total = _token_hits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+                             _mllm_pixels(model.config, clip_images))
   return np.asarray(right) / np.maximum(np.asarray(total), 1)
 
 
@@ -99,7 +105,7 @@ def _token_hits(model, ids, mask, labels, clip_images):
 
 def _reference_sequences(model, tok, instructions, references):
   """Training's sequences (prompt, reference expressive instruction, [IMG0..7], </s>), uncut."""
-  n_img = model.config.llava.num_image_tokens
+  n_img = model.config.prompt_image_tokens
   return [training_example(tok, i, r, num_image_tokens=n_img, max_length=10 ** 6, template=model.config.template)
           for i, r in zip(instructions, references)]
 

@@ -56,6 +56,16 @@ class MGIEConfig:
   def num_image_tokens(self) -> int:
     return self.llava.num_image_tokens
 
+  @property
+  def sees_image(self) -> bool:
+    """False for LGIE (template "text_only"): the language model reads the instruction alone."""
+    return self.template != "text_only"
+
+  @property
+  def prompt_image_tokens(self) -> int:
+    """Image tokens in the language model's prompt (0 for LGIE)."""
+    return self.num_image_tokens if self.sees_image else 0
+
   def denominators(self, batch):
     """(target tokens, rows with an [IMG] window) of a whole batch: L_ins and L_edit divide by them."""
     return target_tokens(batch["labels"]), jnp.sum(has_img_window(batch["input_ids"], self.img_token_id))
@@ -203,7 +213,9 @@ class MGIE(nnx.Module):
     passes that batch's `ins_tokens` / `edit_rows` so that micro-batch losses sum to the batch's.
     """
     cfg = self.config
-    if "clip_features" in batch:      # the frozen-feature cache: the projector reads them directly
+    if not cfg.sees_image:            # LGIE: no image reaches the language model
+      out = self.mllm(batch["input_ids"], attention_mask=batch["attention_mask"])
+    elif "clip_features" in batch:      # the frozen-feature cache: the projector reads them directly
       feats = self.mllm.image_features(vision_features=batch["clip_features"].astype(cfg.llava.vision.dtype))
       out = self.mllm(batch["input_ids"], image_features=feats, attention_mask=batch["attention_mask"])
     else:

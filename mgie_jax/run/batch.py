@@ -69,7 +69,7 @@ def batch_spec(c, model_config, max_length: int | None = None) -> BatchSpec:
     features = tuple(feature_shapes(model_config, int(c.data.resolution)).items())
   return BatchSpec(resolution=int(c.data.resolution), clip_resolution=int(model_config.clip_size),
                    max_length=int(max_length or c.data.max_length),
-                   num_image_tokens=int(model_config.num_image_tokens),
+                   num_image_tokens=int(getattr(model_config, "prompt_image_tokens", model_config.num_image_tokens)),
                    text_length=int(c.data.get("text_length", 0) or 0), features=features,
                    template=getattr(model_config, "template", "llava_v1"))
 

@@ -93,7 +93,7 @@ def check_training_config(c, devices: int, processes: int) -> None:
                             fix="use 0 (no EMA) or a decay below 1, e.g. 0.999")
   if template(c) not in TEMPLATES:
     raise errors.BAD_OPTION(flag="--config.model.template", detail=repr(template(c)), fix=f"use one of {', '.join(TEMPLATES)}")
-  if template(c) != "llava_v1" and c.model.init != "pretrained" and model_kind(c) == "mgie":
+  if template(c) == "llava_1_5" and c.model.init != "pretrained" and model_kind(c) == "mgie":
     raise errors.BAD_OPTION(flag="--config.model.template", detail=f"{template(c)!r} is the prompt of a pretrained "
                             "LLaVA-1.5 folder", fix="set config.model.init=pretrained and config.pretrained.llava, "
                             "or use llava_v1 for a randomly initialised model")

@@ -79,7 +79,7 @@ def random_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> MGIEC
       llava=llava, edit_head=EditHeadConfig(**dict(m.edit_head), **rt),
       unet=UNetConfig(in_channels=8, **dict(m.unet), **rt, attention_impl=m.attention_impl),
       vae=vae or VAEConfig(**dict(m.vae), **rt), img_token_id=tok.token_to_id("[IMG0]"),
-      ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c), **loss_options(c))
+      ins_loss_weight=c.train.ins_loss_weight, lora=lora_config(c), template=template(c), **loss_options(c))
 
 
 def ip2p_config(c, tok: LlamaTokenizer, vae: VAEConfig | None = None) -> IP2PConfig:

@@ -38,18 +38,22 @@ class Template:
 
 
 TEMPLATES = {"llava_v1": Template(IM_PATCH, image_first=False, wrap=(IM_START, IM_END)),
-             "llava_1_5": Template(IMAGE, image_first=True)}
+             "llava_1_5": Template(IMAGE, image_first=True),
+             # LGIE: the language model alone writes the expressive instruction from the terse one;
+             # the question is MGIE's, with no image in the prompt.
+             "text_only": Template("", image_first=False)}
 
 
 def image_placeholder(num_image_tokens: int = 256, template: str = "llava_v1") -> str:
   t = TEMPLATES[template]
-  return t.wrap[0] + t.image_token * num_image_tokens + t.wrap[1]
+  return t.wrap[0] + t.image_token * num_image_tokens + t.wrap[1] if t.image_token else ""
 
 
 def prompt_text(instruction: str, num_image_tokens: int = 256, template: str = "llava_v1") -> str:
   """The inference prompt, ending in "ASSISTANT:" (Vicuna v1.1: roles joined by ' ', turn ends '</s>')."""
   image, question = image_placeholder(num_image_tokens, template), QUESTION.format(instruction=instruction)
-  question = f"{image}\n{question}" if TEMPLATES[template].image_first else f"{question}\n{image}"
+  if image:
+    question = f"{image}\n{question}" if TEMPLATES[template].image_first else f"{question}\n{image}"
   return f"{SYSTEM} USER: {question} ASSISTANT:"
 
 
