@@ -111,6 +111,8 @@ class MGIEPipeline:
     """(expressive instruction, condition [1, 77, 768], null condition) for one CLIP view [1, 3, c, c]."""
     prompt = self.tokenizer(prompt_text(instruction, self.num_image_tokens, self.template), return_tensors="pt")["input_ids"]
     eos = self.tokenizer.eos_token_id
+    if self.template == "text_only":      # LGIE: the language model never sees the image
+      clip_pixels = None
     gen = self.llava.generate(input_ids=prompt, pixel_values=clip_pixels, do_sample=False,
                               max_new_tokens=max_new_tokens, no_repeat_ngram_size=3, eos_token_id=eos,
                               pad_token_id=0)
