@@ -64,3 +64,46 @@ def test_lgie_writes_and_conditions_the_same_for_any_image_and_mgie_does_not(run
   assert (ins[0] == ins[1]) == (name == "lgie"), ins
   if name == "lgie":      # and no image token in its sequences
     assert not np.any(np.asarray(batch["input_ids"]) == model.config.llava.image_token_id)
+
+
+@pytest.mark.slow
+def test_an_lgie_export_writes_the_same_in_pytorch_without_the_image(run_data, two_images, tmp_path):
+  """The mgie + llava-hf + diffusers exports of an LGIE run: the PyTorch pipeline (transformers'
+  LLaVA, given no image) writes our tokens and gives our condition (1e-4 x max(1, |ref|))."""
+  import json
+
+  import torch
+
+  from conftest import max_err, tol
+  from mgie_jax.convert.writers import write_diffusers, write_llava_hf, write_mgie
+  from mgie_jax.inference.pytorch_pipeline import MGIEPipeline
+  from mgie_jax.run.workdir import TrainedSource
+  from mgie_jax.training.checkpoint import Checkpointer
+  from mgie_jax.training.setup import make_setup
+  c = tiny_lgie.get_config()
+  c.data.dir, c.data.tokenizer, c.pretrained.vae, c.train.ema_decay = run_data[0], run_data[1], "", 0.0
+  run = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, frozen = run.new_state()
+  key = iter(jax.random.split(jax.random.key(8), 10000))
+  state = state.replace(params=jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(key), x.shape, x.dtype),
+                                            state.params))
+  ckpt = Checkpointer(str(tmp_path / "run"), every=1, keep=2, async_save=False)
+  ckpt.save(3, state, None, json.loads(c.to_json_best_effort()), force=True)
+  ckpt.close()
+  source, out = TrainedSource(str(tmp_path / "run"), 3), tmp_path / "out"
+  write_mgie(source, str(out / "mgie"), np.float32)
+  write_llava_hf(source, str(out / "llava-hf"), np.float32)
+  write_diffusers(source, str(out / "diffusers"), np.float32)
+  model = run.model(state.params, frozen)
+  _, clip = inference.prepare(two_images[:1], c.data.resolution, model.config.clip_size)
+  texts, cond, _ = inference.expressive_instructions(model, run.tok, clip, ["make the square blue"], max_new_tokens=8)
+  pipe = MGIEPipeline.from_export(str(out))
+  assert pipe.template == "text_only"
+  text, t_cond, _ = pipe.expressive(torch.as_tensor(clip.transpose(0, 3, 1, 2).copy()), "make the square blue",
+                                    max_new_tokens=8)
+  # The condition is read after the written tokens, so equal conditions mean the same tokens were
+  # written; the texts themselves are compared only where both tokenizers decode alike (random
+  # weights write byte-fallback pieces, which transformers' and ours render differently).
+  assert max_err(t_cond.numpy(), cond) <= tol(cond)
+  printable = lambda t: "".join(ch for ch in t if ch.isascii() and ch.isalnum())
+  assert texts[0] and printable(text)[:4] == printable(texts[0])[:4]

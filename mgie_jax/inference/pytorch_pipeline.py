@@ -111,16 +111,16 @@ class MGIEPipeline:
     """(expressive instruction, condition [1, 77, 768], null condition) for one CLIP view [1, 3, c, c]."""
     prompt = self.tokenizer(prompt_text(instruction, self.num_image_tokens, self.template), return_tensors="pt")["input_ids"]
     eos = self.tokenizer.eos_token_id
-    if self.template == "text_only":      # LGIE: the language model never sees the image
-      clip_pixels = None
-    gen = self.llava.generate(input_ids=prompt, pixel_values=clip_pixels, do_sample=False,
+    # LGIE: the language model never sees the image (transformers wants no pixel_values key then).
+    image = {} if self.template == "text_only" else {"pixel_values": clip_pixels}
+    gen = self.llava.generate(input_ids=prompt, **image, do_sample=False,
                               max_new_tokens=max_new_tokens, no_repeat_ngram_size=3, eos_token_id=eos,
                               pad_token_id=0)
     new = gen[0, prompt.shape[1]:].tolist()
     stop = {eos, 0, *self.img_ids}
     new = new[:next((i for i, t in enumerate(new) if t in stop), len(new))]
     full = torch.as_tensor([prompt[0].tolist() + new + self.img_ids])
-    hidden = self.llava(input_ids=full, pixel_values=clip_pixels, output_hidden_states=True).hidden_states[-1]
+    hidden = self.llava(input_ids=full, **image, output_hidden_states=True).hidden_states[-1]
     start = int(img_window_start(full.numpy(), self.img_ids[0])[0])
     window = hidden[:, start:start + len(IMG_TOKENS)]
     emb = self.emb.to(window.dtype)
