@@ -212,6 +212,46 @@ def test_clip_image_and_text_embeddings_match_transformers(eos, photos, tmp_path
   assert max_err(got, want) <= tol(want)
 
 
+class _Ids:
+  """A stand-in CLIP tokenizer: fixed ids per text (the metric's tokenisation is transformers' own)."""
+
+  def __call__(self, text, padding, truncation, max_length):
+    ids = [97] + [3 + (ord(ch) % 80) for ch in text][:max_length - 2] + [98]
+    return {"input_ids": ids + [1] * (max_length - len(ids)), "attention_mask": [1] * len(ids) + [0] * (max_length - len(ids))}
+
+
+def test_clip_s_of_the_expressive_instructions_matches_transformers(photos, tmp_path):
+  """CLIP-S (input and goal) equals transformers' CLIPModel cosine on the same text/image pairs,
+  and rows without a written instruction (copy-input, text-only editors) get none."""
+  from mgie_jax.evaluation.sweep import score
+  ref = clip_folder(tmp_path, 98)
+  ours = from_pretrained(ClipModel, str(tmp_path))
+  metrics = [M.ClipScoreMetric(ours, _Ids(), "clip_s_input", context=16),
+             M.ClipScoreMetric(ours, _Ids(), "clip_s_goal", context=16)]
+  inputs, goals = [p for p, _ in photos[:3]], [g for _, g in photos[:3]]
+  texts = ["Paint the sky blue.", None, "Make the cake look healthier, add fruit."]
+
+  class Ex:
+    def __init__(self, image):
+      buf = io.BytesIO()
+      image.save(buf, "PNG")
+      self.input_image, self.caption = buf.getvalue(), ""
+  got = score(metrics, goals, goals, [Ex(i) for i in inputs], texts)
+  assert "clip_s_input" not in got[1] and "clip_s_goal" not in got[1]
+  for n in (0, 2):
+    enc = _Ids()(texts[n], True, True, 16)
+    with torch.no_grad():
+      t = ref.get_text_features(input_ids=torch.as_tensor([enc["input_ids"]]),
+                                attention_mask=torch.as_tensor([enc["attention_mask"]]))
+      t = getattr(t, "pooler_output", t)
+      for name, image in (("clip_s_input", inputs[n]), ("clip_s_goal", goals[n])):
+        px = torch.as_tensor(M.clip_view(image.convert("RGB"), 32).transpose(2, 0, 1)[None].copy())
+        v = ref.get_image_features(pixel_values=px)
+        v = getattr(v, "pooler_output", v)
+        want = float(torch.nn.functional.cosine_similarity(v, t).item())
+        assert abs(got[n][name] - want) <= 1e-4, (name, got[n][name], want)
+
+
 def test_dino_cls_features_match_transformers_vit(photos, tmp_path):
   torch.manual_seed(4)
   ref = transformers.ViTModel(transformers.ViTConfig(**TINY_VISION, hidden_act="gelu",

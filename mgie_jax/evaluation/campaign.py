@@ -54,6 +54,7 @@ def plan(c):
                             fix=f"choose from {', '.join(metrics_lib.ALL)}")
   mm = c.metric_models
   need = {"clip_i": [("clip", mm.clip)], "clip_t": [("clip", mm.clip)], "dino": [("dino", mm.dino)],
+          "clip_s_input": [("clip", mm.clip)], "clip_s_goal": [("clip", mm.clip)],
           "lpips": [("lpips", mm.lpips), ("lpips_heads", mm.lpips_heads)],
           "lpips_vgg": [("lpips_vgg", mm.lpips_vgg), ("lpips_vgg_heads", mm.lpips_vgg_heads)]}
   for m in names:
@@ -153,6 +154,8 @@ def write_reports(workdir, c, metric_names, metrics):
   for m in metric_names:
     if report.plot_steps(summary, m, plots / f"{m}_vs_step.png"):
       made.append(f"{m}_vs_step.png")
+  if report.plot_clip_s(summary, plots / "clip_s.png"):
+    made.append("clip_s.png")
   print((workdir / "table.md").read_text())
   print(f"summary: {workdir / 'summary.csv'}; plots: {', '.join(made) or 'none'} in {plots}")
 

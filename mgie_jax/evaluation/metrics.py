@@ -8,6 +8,9 @@
   lpips      AlexNet or VGG LPIPS v0.1 on [-1, 1] at the ground truth's size
   clip_i     cosine of CLIP image embeddings (generated vs ground truth); CLIP preprocessing
   clip_t     cosine of the generated image's CLIP embedding and the caption's
+  clip_s_input, clip_s_goal   CLIP-S of the written expressive instruction: the cosine of its CLIP
+             text embedding and the input's (goal image's) image embedding; only for editors that
+             write one (MGIE, LGIE); the paper compares them across editors
   dino       cosine of DINO ViT-S/16 CLS features; resize 256 (shortest side), crop 224, ImageNet stats
 
 Every metric is a small class: `prepare` turns PIL images (and the example) into fixed-size
@@ -123,6 +126,7 @@ class Metric:
   name = ""
   needs_caption = False
   needs_input = False
+  needs_expressive = False   # scored only for rows with a written expressive instruction (example["expressive"])
   lower_is_better = False
 
   def prepare(self, gen: Image.Image, target: Image.Image, example: dict) -> dict:
@@ -201,6 +205,28 @@ class ClipTextMetric(Metric):
                                jnp.asarray(batch["mask"])))
 
 
+class ClipScoreMetric(Metric):
+  """CLIP-S of the expressive instruction against the input ("clip_s_input") or goal image ("clip_s_goal")."""
+  needs_expressive = True
+
+  def __init__(self, clip, tokenizer, name: str, context: int = 77):
+    self.clip, self.tokenizer, self.name, self.context = clip, tokenizer, name, context
+    self.needs_input = name == "clip_s_input"
+    self.size = clip.vision_model.config.image_size
+    self._fn = nnx.jit(lambda m, a, ids, mask: cosine(m.image_features(a).astype(jnp.float32),
+                                                      m.text_features(ids, mask).astype(jnp.float32)))
+
+  def prepare(self, gen, target, example):
+    image = example["input"] if self.needs_input else target
+    enc = self.tokenizer(example["expressive"], padding="max_length", truncation=True, max_length=self.context)
+    return {"image": clip_view(image.convert("RGB"), self.size),
+            "ids": np.asarray(enc["input_ids"], np.int32), "mask": np.asarray(enc["attention_mask"], np.int32)}
+
+  def score(self, batch):
+    return np.asarray(self._fn(self.clip, jnp.asarray(batch["image"]), jnp.asarray(batch["ids"]),
+                               jnp.asarray(batch["mask"])))
+
+
 class DinoMetric(Metric):
   name = "dino"
 
@@ -244,7 +270,8 @@ class PaletteMetric(Metric):
 
 PIXEL = ("l1", "l2", "ssim", "ssim_zero_pad")
 PALETTE = ("edit_acc", "keep_acc")
-ALL = PIXEL + ("lpips", "lpips_vgg", "clip_i", "clip_t", "dino") + PALETTE
+CLIP_S = ("clip_s_input", "clip_s_goal")
+ALL = PIXEL + ("lpips", "lpips_vgg", "clip_i", "clip_t", "dino") + CLIP_S + PALETTE
 
 
 def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tuple = (), dino: str = "",
@@ -264,7 +291,7 @@ def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tu
       if len(files) != 2:
         raise ValueError(f"metric {name} needs its backbone and head weight files")
       out.append(LPIPSMetric(lpips_from_files(*files, net="alex" if name == "lpips" else "vgg", dtype=dtype), name))
-    elif name in ("clip_i", "clip_t"):
+    elif name in ("clip_i", "clip_t") + CLIP_S:
       if not clip:
         raise ValueError(f"metric {name} needs a local CLIPModel folder")
       if clip_model is None:
@@ -273,7 +300,8 @@ def make_metrics(names, *, clip: str = "", lpips_alex: tuple = (), lpips_vgg: tu
         out.append(ClipImageMetric(clip_model))
       else:
         import transformers
-        out.append(ClipTextMetric(clip_model, transformers.CLIPTokenizer.from_pretrained(clip)))
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(clip)
+        out.append(ClipTextMetric(clip_model, tokenizer) if name == "clip_t" else ClipScoreMetric(clip_model, tokenizer, name))
     elif name == "dino":
       if not dino:
         raise ValueError("metric dino needs a local ViT (DINO) folder")

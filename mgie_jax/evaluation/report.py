@@ -124,6 +124,31 @@ def plot_steps(summary, metric: str, path) -> bool:
   return True
 
 
+def plot_clip_s(summary, path) -> bool:
+  """The paper's CLIP-S plot: the expressive instructions' CLIP-S against the input and the goal
+  image, one pair of bars per editor that writes them (and setting)."""
+  rows = [r for r in summary if r.get("clip_s_input") is not None or r.get("clip_s_goal") is not None]
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.4))
+  x = np.arange(len(rows))
+  for k, (m, label) in enumerate((("clip_s_input", "input image"), ("clip_s_goal", "goal image"))):
+    vals = [r.get(m) if r.get(m) is not None else np.nan for r in rows]
+    ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=label)
+  names = [f"{r['name']}" + (f"@{r['step']}" if r["step"] is not None else "") + f"\n{r['mode']}" for r in rows]
+  ax.set_xticks(x, names, fontsize=7)
+  ax.set_ylabel("CLIP-S (cosine)")
+  ax.set_title("CLIP-S of the expressive instructions")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
 def _save(fig, path):
   import matplotlib.pyplot as plt
   buf = io.BytesIO()

@@ -140,16 +140,19 @@ class MemoryResults(Results):
     self.done.update(self.row_id(r) for r in rows)
 
 
-def score(metrics, gens: list, targets: list, examples: list) -> list[dict]:
-  """Every metric of every (generated, target) pair, batched where shapes agree."""
+def score(metrics, gens: list, targets: list, examples: list, texts: list | None = None) -> list[dict]:
+  """Every metric of every (generated, target) pair, batched where shapes agree; the expressive
+  instructions' metrics (CLIP-S) only where `texts` holds one."""
   out = [dict() for _ in gens]
+  texts = texts or [None] * len(gens)
   inputs = ([decode_rgb(e.input_image) for e in examples] if any(m.needs_input for m in metrics)
             else [None] * len(examples))
   for m in metrics:
-    prepared = [m.prepare(g, t, {"caption": e.caption, "input": i})
-                for g, t, e, i in zip(gens, targets, examples, inputs)]
+    rows = [n for n, text in enumerate(texts) if text or not m.needs_expressive]
+    prepared = {n: m.prepare(gens[n], targets[n], {"caption": examples[n].caption, "input": inputs[n],
+                                                   "expressive": texts[n]}) for n in rows}
     groups = defaultdict(list)
-    for i, p in enumerate(prepared):
+    for i, p in prepared.items():
       groups[tuple((k, v.shape) for k, v in sorted(p.items()))].append(i)
     for idx in groups.values():
       batch = {k: np.stack([prepared[i][k] for i in idx]) for k in prepared[idx[0]]}
@@ -263,7 +266,7 @@ class Sweep:
     return [Image.fromarray(x) for x in out]
 
   def _record(self, editor, mode, s: Setting, exs, gens, targets, texts, turns=None, extra=None):
-    scores = score(self.metrics, gens, targets, exs)
+    scores = score(self.metrics, gens, targets, exs, texts)
     rows = []
     for n, (e, sc, text) in enumerate(zip(exs, scores, texts)):
       row = {"editor": _editor_id(editor), "name": editor.name, "step": editor.step, "mode": mode,
