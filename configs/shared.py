@@ -68,6 +68,11 @@ def get_config(arg=None):
       ema_decay=0.0,
   )
 
+  # Fine-tuning: "<workdir>/checkpoints/<step>" of another run whose trained parameters (its EMA when
+  # it kept one) start this run, with a fresh optimizer, data iterator and step count. "": the seed
+  # or c.pretrained (a released MGIE: pretrained.mllm_pt / unet_pt).
+  c.init_from = ""
+
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.rules = ()                             # logical axis -> mesh axes; (): mgie_jax's default rules
 

@@ -59,6 +59,8 @@ def main(argv):
   total = int(c.train.steps)
   directory = workdir_lib.checkpoint_dir(workdir)
   steps = workdir_lib.saved_steps(directory)
+  if c.get("init_from", "") and not steps:      # a resumed fine-tune reads its own checkpoints
+    workdir_lib.locate(checkpoint=c.init_from, option="--config.init_from")
   restore_step = c.checkpoint.get("restore_step", None)
   if restore_step is not None and restore_step not in steps:
     raise errors.NO_STEP(directory=directory, step=restore_step, steps=", ".join(map(str, steps)) or "none")

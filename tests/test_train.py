@@ -278,6 +278,31 @@ def test_sigkill_then_same_command_resumes_exactly(killed_and_resumed):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+def test_fine_tuning_starts_from_another_runs_weights_with_a_fresh_optimizer(data, killed_and_resumed, tmp_path):
+  """config.init_from: step 0 holds the source checkpoint's weights (its EMA, as it kept one) exactly,
+  the step count, optimizer and data iterator start afresh, and the run trains from there."""
+  from mgie_jax.core.fingerprint import tree_fingerprint
+  from mgie_jax.run.workdir import restore_params
+  straight = killed_and_resumed[0]
+  work = str(tmp_path / "finetune")
+  p = subprocess.run(train_cmd(work, data, f"--config.init_from={straight}/checkpoints/14", "--config.train.steps=3",
+                               "--config.train.ema_decay=0"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  line = [ln for ln in p.stderr.splitlines() if "starting from" in ln]
+  assert len(line) == 1 and "(ema," in line[0], p.stderr[-3000:]
+  run = make_setup(config(data), data[1], devices=jax.devices()[:1])
+  source = restore_params(straight, 14, run.parts, run.state_sh.params, "--config.init_from", "ema")
+  assert f"fingerprint {tree_fingerprint(source)})" in line[0]
+  rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  # The first loss is the trained source's (below a fresh model's first), not a fresh model's.
+  assert rows[0]["loss"] < losses(straight)[1][0]
+  p = subprocess.run(train_cmd(str(tmp_path / "x"), data, f"--config.init_from={tmp_path}/nope/checkpoints/3"),
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 2 and "--config.init_from" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
   """The 14-step run again, through a file:// workdir, cut to length buckets, samples every 4

@@ -24,15 +24,18 @@ from data_pipelines import feature_cache, prepare
 from data_pipelines.loader import LoaderConfig, make_loader, open_source
 from data_pipelines.synthetic import COLORS
 from mgie_jax.core import cli, errors, hosts, paths
+from mgie_jax.core.fingerprint import tree_fingerprint
 from mgie_jax.core.images import decode_rgb
 from mgie_jax.core.parallel import cpu_threads_advice
 from mgie_jax.inference import pipeline as inference
+from mgie_jax.run import workdir as workdir_lib
 from mgie_jax.run.batch import TOKENS, batch_spec, bucket_for, length_buckets
 from mgie_jax.run.compile_cache import use_compile_cache
 from mgie_jax.run.model import FEATURE_TOWERS, subtree, tokenizer_dir
 from mgie_jax.training import flops as flops_lib
 from mgie_jax.training.checkpoint import Checkpointer
 from mgie_jax.training.setup import Setup, eval_params, make_setup
+from mgie_jax.training.state import start_ema
 from mgie_jax.training.step import batch_sharding, jit_train_step
 from mgie_jax.training.validation import summary_line, validate
 
@@ -110,6 +113,8 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   else:
     start = 0
     state, frozen = setup.new_state()
+    if c.get("init_from", ""):
+      state = start_from_checkpoint(c, setup, state)
   if c.data.get("features", ""):
     check_features_fingerprint(c, setup, frozen)
 
@@ -245,6 +250,22 @@ class Preempted:
   def agreed(self, step: int, ckpt) -> bool:
     local = self.flag or ckpt.manager.reached_preemption(step)
     return hosts.max_of(int(local), "stop") > 0    # any host told to stop stops them all
+
+
+def start_from_checkpoint(c, setup: Setup, state):
+  """Fine-tuning: the trained parameters of checkpoint `c.init_from` (its EMA when that run kept
+  one, as its readers do) with this run's fresh optimizer state, step 0 and data iterator. The log
+  names their fingerprint (mgie_jax.core.fingerprint), to compare with the source's."""
+  source, step = workdir_lib.locate(checkpoint=c.init_from, option="--config.init_from")
+  key = workdir_lib.inference_key(workdir_lib.saved_config(source, step))
+  params = workdir_lib.restore_params(source, step, setup.parts, setup.state_sh.params, "--config.init_from", key)
+  with jax.set_mesh(setup.mesh):
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sh.opt_state)(params)
+    ema = start_ema(params, setup.state_sh.ema) if state.ema is not None else None
+  state = state.replace(params=params, opt_state=opt_state, ema=ema)
+  log.info("starting from %s (%s, fingerprint %s): fresh optimizer and data iterator", c.init_from, key,
+           tree_fingerprint(state.params))
+  return state
 
 
 def check_features_fingerprint(c, setup: Setup, frozen: dict) -> None:
