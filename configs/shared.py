@@ -49,6 +49,8 @@ def get_config(arg=None):
       length_buckets=(),                   # e.g. (384, 448): batches cut to the shortest that fits
                                            # (one compiled step per length; same losses)
       text_length=0,                       # > 0: the terse instruction's tokens too (kind="ip2p")
+      expressive="",                       # {key: expressive instruction} JSON for a dataset without
+                                           # them (a benchmark's train split); "": the instruction, counted
       features="",                         # a frozen-feature cache (python -m data_pipelines.features):
                                            # its VAE posteriors and CLIP features replace the images
       shards=0,                            # data shards (0: one per process); fix it to make runs

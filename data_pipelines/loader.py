@@ -59,6 +59,8 @@ class LoaderConfig:
                                      # its fields replace the images
   feature_fields: tuple = ()         # ((name, shape), ...) the batch expects from the cache
   template: str = "llava_v1"         # the prompt (mgie_jax.text.template.TEMPLATES)
+  expressive: str = ""               # {key: expressive instruction} JSON for records without one (a
+                                     # benchmark's train split); missing there: the instruction, counted
 
 
 class Preprocess:
@@ -71,7 +73,9 @@ class Preprocess:
       self.tokenizer = LlamaTokenizer.from_pretrained(cfg.tokenizer)
       self._img0 = self.tokenizer.token_to_id("[IMG0]")
     self.skipped = collections.Counter()
+    self.substituted = collections.Counter()   # records trained with the instruction as expressive target
     self._lock = threading.Lock()
+    self._expressive = _read_expressive(cfg.expressive) if cfg.expressive else {}
     self._meta = None
     if cfg.features:
       self._meta = feature_cache.read_meta(cfg.features)
@@ -92,6 +96,20 @@ class Preprocess:
       self.skipped[reason] += 1
       n = sum(self.skipped.values())
     log.warning("skipping record %s (%s); %d skipped so far: %s", key, reason, n, dict(self.skipped))
+
+  def _expressive_of(self, record, key, text) -> str:
+    """The record's expressive instruction, the --expressive file's, or (counted) the instruction."""
+    if "expressive" in record and text("expressive").strip():
+      return text("expressive")
+    name = key.decode() if isinstance(key, bytes) else str(key)
+    if self._expressive.get(name, "").strip():
+      return self._expressive[name]
+    with self._lock:
+      self.substituted["instruction_as_expressive"] += 1
+      n = self.substituted["instruction_as_expressive"]
+    if n == 1 or n % 1000 == 0:
+      log.warning("%d record(s) without an expressive instruction train on the instruction itself (e.g. %s)", n, name)
+    return text("instruction")
 
   def _cached(self, record, key):
     """The cached frozen features of a record (None when the cache recorded it as skipped)."""
@@ -119,7 +137,9 @@ class Preprocess:
   def images(self, record, rng: np.random.Generator | None = None) -> tuple[dict | None, str]:
     """(the record's key and model-ready images, "") or (None, why it cannot be used)."""
     try:
-      src, dst = (mgie_square(decode_rgb(record[k])) for k in ("input_image", "edited_image"))
+      # IPr2Pr records hold edited_image; the benchmarks' (data_pipelines.eval_sets) target_image.
+      target = "edited_image" if "edited_image" in record else "target_image"
+      src, dst = (mgie_square(decode_rgb(record[k])) for k in ("input_image", target))
     except BadImage as e:
       return None, e.reason
     except Exception as e:     # anything else a corrupt file can raise while decoding
@@ -135,7 +155,7 @@ class Preprocess:
     if self.tokenizer is not None:
       text = lambda k: record[k].decode("utf-8") if isinstance(record[k], bytes) else record[k]
       try:
-        ex = training_example(self.tokenizer, text("instruction"), text("expressive"),
+        ex = training_example(self.tokenizer, text("instruction"), self._expressive_of(record, key, text),
                               num_image_tokens=self.cfg.num_image_tokens, max_length=self.cfg.max_length,
                               template=self.cfg.template)
       except ValueError:
@@ -154,6 +174,13 @@ class Preprocess:
         out["instruction_ids"] = np.pad(np.asarray(ids, np.int32), (0, self.cfg.text_length - len(ids)))
         out["instruction_mask"] = (np.arange(self.cfg.text_length) < len(ids)).astype(np.int32)
     return out
+
+
+def _read_expressive(path: str) -> dict:
+  """{key: text} from data_pipelines.expressive's output ({key: {"expressive": ...}}) or a plain {key: text}."""
+  with open(path) as f:
+    raw = json.load(f)
+  return {k: (v.get("expressive", "") if isinstance(v, dict) else str(v)) for k, v in raw.items()}
 
 
 class _RandomPreprocess(grain.transforms.RandomMap):

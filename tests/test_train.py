@@ -303,6 +303,52 @@ def test_fine_tuning_starts_from_another_runs_weights_with_a_fresh_optimizer(dat
   assert p.returncode == 2 and "--config.init_from" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
 
+def evr_train_split(data, root) -> str:
+  """The synthetic pairs in EVR's release layout, built with the EVR builder: a benchmark's train
+  split (no expressive instructions)."""
+  import shutil
+  from data_pipelines.eval_sets import build as build_eval
+  source = os.path.dirname(data[1])
+  recs = []
+  for folder, seeds in json.load(open(os.path.join(source, "seeds.json")))[:16]:
+    edit = json.load(open(os.path.join(source, folder, "prompt.json")))["edit"]
+    for seed in seeds:
+      names = [f"{folder}_{seed}_{j}.jpg" for j in (0, 1)]
+      for j, name in enumerate(names):
+        os.makedirs(os.path.join(root, "src", "images"), exist_ok=True)
+        shutil.copyfile(os.path.join(source, folder, f"{seed}_{j}.jpg"), os.path.join(root, "src", "images", name))
+      recs.append({"img0": names[0], "img1": names[1], "sents": [edit], "uid": f"{folder}_{seed}"})
+  with open(os.path.join(root, "src", "train.json"), "w") as f:
+    json.dump(recs, f)
+  return str(build_eval("evr", os.path.join(root, "src"), os.path.join(root, "tfds")).data_dir)
+
+
+def test_fine_tuning_on_a_benchmarks_train_split(data, killed_and_resumed, tmp_path):
+  """A benchmark's records (target_image, no expressive instruction) train, the instruction standing
+  in for the expressive target (counted); with an expressive file, its texts are the targets."""
+  straight = killed_and_resumed[0]
+  evr = evr_train_split(data, str(tmp_path))
+  work = str(tmp_path / "ft")
+  p = subprocess.run(train_cmd(work, data, f"--config.init_from={straight}/checkpoints/14", "--config.train.steps=6",
+                               "--config.train.ema_decay=0", f"--config.data.dir={evr}"),
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "train on the instruction itself" in p.stderr
+  rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
+  assert np.mean([r["ins"] for r in rows[3:]]) < np.mean([r["ins"] for r in rows[:3]])   # it learns the new targets
+  # With an expressive file for every key, nothing is substituted.
+  from data_pipelines.loader import LoaderConfig, Preprocess, open_source
+  src = open_source(evr, "train")
+  keys = [src[i]["key"].decode() for i in range(len(src))]
+  path = tmp_path / "expressive.json"
+  path.write_text(json.dumps({k: {"instruction": "x", "expressive": f"Make it so, {k}."} for k in keys}))
+  pre = Preprocess(LoaderConfig(data_dir=evr, tokenizer=data[1], resolution=32, clip_resolution=28, max_length=160,
+                                num_image_tokens=16, expressive=str(path)))
+  outs = [pre(src[i]) for i in range(4)]
+  assert all(o is not None for o in outs) and not pre.substituted
+
+
 @pytest.fixture(scope="module")
 def bucketed_file_url_run(data, killed_and_resumed, tmp_path_factory):
   """The 14-step run again, through a file:// workdir, cut to length buckets, samples every 4

@@ -111,7 +111,11 @@ def check_training_config(c, devices: int, processes: int) -> None:
       raise errors.BAD_OPTION(flag="--config.data.length_buckets", detail=f"{b} is not in 1..max_length "
                               f"({c.data.max_length})", fix="list token lengths up to data.max_length")
   if c.data.dir:
-    splits = ("train", "validation") if (c.log.sample_every or c.get("eval", {}).get("every")) else ("train",)
+    ev = c.get("eval", {})
+    splits = ["train"] + (["validation"] if c.log.sample_every else [])      # the sample grid's
+    if ev.get("every") or ev.get("at_end"):
+      splits.append(ev.get("split", "validation"))
+    splits = tuple(dict.fromkeys(splits))
     check_dataset(c.data.dir, "config.data.dir", splits,
                   extra=", or leave config.data.dir empty for the built-in synthetic data")
   if c.data.get("features", ""):
@@ -121,6 +125,8 @@ def check_training_config(c, devices: int, processes: int) -> None:
     trained = frozen_feature_towers_trained(c)
     if trained:
       raise errors.FEATURES_TRAINED(detail=trained)
+  if c.data.get("expressive", ""):
+    check_file(c.data.expressive, "config.data.expressive")
   if c.data.tokenizer:
     check_tokenizer(c.data.tokenizer, "config.data.tokenizer")
   elif c.data.dir and not pretrained(c, "llava"):

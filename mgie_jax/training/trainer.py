@@ -99,6 +99,7 @@ def train(c, workdir: str, restore_step: int | None = None, lock=None) -> int:
   loader_cfg = LoaderConfig(data_dir=data_dir, batch_size=c.train.batch_size // jax.process_count(),
                             tokenizer=tok_dir, seed=c.seed, num_threads=c.data.num_threads,
                             worker_count=c.data.worker_count, features=c.data.get("features", ""),
+                            expressive=c.data.get("expressive", ""),
                             **spec.loader_options())
   data_iter = make_loader(loader_cfg, jax.process_index(), jax.process_count(), c.data.shards)
   config_json = json.loads(c.to_json_best_effort())
