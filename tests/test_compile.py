@@ -127,3 +127,17 @@ def test_compile_mistakes_are_one_line():
   user_error(results["topology"], "--topology", "v9-8", "v5p-8")
   user_error(results["price_scanned"], "--examples", "--unroll")
   user_error(results["batch"], "train.batch_size 3")
+
+
+def test_a_program_that_does_not_fit_is_reported_with_xlas_numbers():
+  from mgie_jax.training import aot
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+             "memory space hbm. Used 15.85G of 15.75G hbm. Exceeded hbm capacity by 100.47M.\n\nTotal hbm usage >= "
+             "16.10G:\n    reserved        258.01M \n    program          14.47G \n    arguments       512.00M \n")
+  o = aot.hbm_overflow(message)
+  assert o == {"used_gib": 15.85, "capacity_gib": 15.75, "program_gib": 14.47, "arguments_gib": 0.5}
+  assert aot.hbm_overflow("RESOURCE_EXHAUSTED: something else") is None
+  r = dict(devices=16, device_kind="TPU v5 lite", batch=32, seq_len=512, resolution=256, unrolled=True, lower_s=1,
+           compile_s=2, does_not_fit=o)
+  assert aot.estimates(r, None, 197.0) == {}
+  assert "DOES NOT FIT: XLA needs 15.85 of 15.75 GiB HBM per chip (program 14.47, arguments 0.50)" in aot.report(r, "v5e-16")

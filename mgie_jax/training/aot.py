@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 
 import jax
@@ -47,7 +48,15 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   with unrolled_layers() if unroll else contextlib.nullcontext():
     lowered = jit_train_step(run, c.data.resolution).lower(state, frozen, inputs)
   t1 = time.time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = hbm_overflow(str(e))
+    if oom is None:
+      raise
+    return dict(devices=len(devices), device_kind=devices[0].device_kind, batch=batch, seq_len=seq_len,
+                resolution=int(c.data.resolution), unrolled=bool(unroll), lower_s=round(t1 - t0, 1),
+                compile_s=round(time.time() - t1, 1), does_not_fit=oom)
   t2 = time.time()
   numbers = compiler_numbers(compiled)
   model_flops = batch * flops_lib.mgie_flops_per_sample(built.abstract, seq_len, c.data.resolution,
@@ -68,12 +77,28 @@ def compile_train_step(c, built, devices, seq_len: int, unroll: bool = False) ->
   return out
 
 
+def hbm_overflow(message: str) -> dict | None:
+  """What XLA:TPU says when a program does not fit in HBM ("Ran out of memory in memory space hbm"),
+  as numbers: used and capacity GiB, and the breakdown it prints; None for any other error."""
+  found = re.search(r"Used ([\d.]+)G of ([\d.]+)G hbm", message)
+  if "memory space hbm" not in message or not found:
+    return None
+  out = {"used_gib": float(found.group(1)), "capacity_gib": float(found.group(2))}
+  for name in ("program", "arguments", "HLO temp"):
+    m = re.search(rf"\n\s*{name}\s+([\d.]+)([MG])", message)
+    if m:
+      out[f"{name.replace(' ', '_').lower()}_gib"] = float(m.group(1)) / (1024 if m.group(2) == "M" else 1)
+  return out
+
+
 def estimates(result: dict, sl, peak_tflops: float | None, examples: int = 0, epochs: float = 1.0) -> dict:
   """Samples/s and MFU implied by the cost model's step time (when it gave a positive one), and
   the hours and chip-hours of `examples` x `epochs` at that rate."""
   out = {}
   if sl is not None:
     out["hbm_gib"] = sl.hbm_gib
+  if "does_not_fit" in result:
+    return out
   if peak_tflops:      # the compiled FLOPs at the chip's peak: no estimate can be below this
     out["compute_floor_s"] = result["compiled_tflops_per_device"] / peak_tflops
   step = result.get("cost_model_step_s", 0.0)
@@ -93,6 +118,14 @@ def report(r: dict, topology: str) -> str:
   lines = [f"{topology}: {r['devices']} x {r['device_kind']}, global batch {r['batch']}, seq {r['seq_len']}, "
            f"{r['resolution']} px{' (layers unrolled)' if r['unrolled'] else ''}",
            f"  compile: lower {r['lower_s']:.0f} s, compile {r['compile_s']:.0f} s"]
+  if "does_not_fit" in r:
+    o = r["does_not_fit"]
+    parts = ", ".join(f"{k[:-4].replace('_', ' ')} {v:.2f}" for k, v in o.items() if k not in ("used_gib", "capacity_gib"))
+    lines.append(f"  DOES NOT FIT: XLA needs {o['used_gib']:.2f} of {o['capacity_gib']:.2f} GiB HBM per chip ({parts}); "
+                 "try a smaller batch, remat=full, a larger slice"
+                 + (", or the scanned program (without --unroll: what training runs; unrolled layers let XLA "
+                    "prefetch more weights)" if r["unrolled"] else ""))
+    return "\n".join(lines)
   if "total_gib" in r:
     hbm = f" of {r['hbm_gib']:.0f} GiB HBM ({'fits' if r['total_gib'] <= r['hbm_gib'] else 'DOES NOT FIT'})" \
         if "hbm_gib" in r else ""
