@@ -189,8 +189,11 @@ def write_cache(c, workdir: str, data: str, out: str, splits, batch_size: int, s
         writer.close()
         os.replace(partial, paths[i])     # complete: now it counts
     bar.close()
-  log.info("frozen features in %s: %d records written by this host%s; train with --config.data.features=%s",
-           out, written, f", {sum(skipped.values())} skipped {dict(skipped)}" if skipped else "", out)
+  if not written and not skipped:
+    log.info("frozen features in %s: complete, nothing to do; train with --config.data.features=%s", out, out)
+  else:
+    log.info("frozen features in %s: %d records written by this host%s; train with --config.data.features=%s",
+             out, written, f", {sum(skipped.values())} skipped {dict(skipped)}" if skipped else "", out)
   return {"written": written, "skipped": dict(skipped)}
 
 
