@@ -30,14 +30,8 @@ def main():
   p.add_argument("--warmup", type=int, default=5)
   a = p.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax
   from common import machine
-  from configs import tiny_lora
-  from data_pipelines.loader import LoaderConfig, make_loader
-  from mgie_jax.run.batch import batch_spec
-  from mgie_jax.training.setup import make_setup
-  from mgie_jax.training.step import jit_train_step
-  from saved_runs import write_data
+  from saved_runs import lora_run_on, write_data
 
   root = tempfile.mkdtemp(prefix="bench_features_")
   data = write_data(os.path.join(root, "data"))
@@ -52,16 +46,7 @@ def main():
   print(f"cache command: {cache_s:.1f} s for the train split (start-up and compile included)")
   print(f"{'batches from':14s} {'step s':>8s} {'steps/s':>8s} {'loader wait s':>14s}")
   for name, features in (("images", ""), ("the cache", cache)):
-    c = tiny_lora.get_config()
-    c.data.dir, c.data.tokenizer, c.data.num_threads = data[0], data[1], 2
-    c.pretrained.vae = ""
-    c.data.features = features
-    setup = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
-    state, frozen = setup.new_state()
-    spec = batch_spec(c, setup.mcfg)
-    loader = make_loader(LoaderConfig(data_dir=c.data.dir, batch_size=c.train.batch_size, tokenizer=c.data.tokenizer,
-                                      seed=c.seed, num_threads=2, features=features, **spec.loader_options()), 0, 1)
-    step = jit_train_step(setup, c.data.resolution)
+    _, state, frozen, loader, step = lora_run_on(data, features)
     steps, waits = [], []
     for i in range(a.warmup + a.steps):
       t0 = time.perf_counter()

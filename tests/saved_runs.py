@@ -45,3 +45,21 @@ def write_saved_run(data, workdir: str) -> str:
     ckpt.save(step, state.replace(step=jax.numpy.int32(step)), loader, config, force=True)
   ckpt.close()
   return workdir
+
+
+def lora_run_on(data, features: str = ""):
+  """configs/tiny_lora.py on `data` (images, or the frozen-feature cache `features`) on one device:
+  (setup, state, frozen, loader of the training batches, jitted train step)."""
+  from configs import tiny_lora
+  from mgie_jax.run.batch import batch_spec
+  from mgie_jax.training.step import jit_train_step
+  c = tiny_lora.get_config()
+  c.data.dir, c.data.tokenizer, c.data.num_threads = data[0], data[1], 2
+  c.pretrained.vae = ""
+  c.data.features = features
+  setup = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
+  state, frozen = setup.new_state()
+  loader = make_loader(LoaderConfig(data_dir=c.data.dir, batch_size=c.train.batch_size, tokenizer=c.data.tokenizer,
+                                    seed=c.seed, num_threads=2, features=features,
+                                    **batch_spec(c, setup.mcfg).loader_options()), 0, 1)
+  return setup, state, frozen, loader, jit_train_step(setup, c.data.resolution)

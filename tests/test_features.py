@@ -22,11 +22,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import feature_cache
-from data_pipelines.loader import LoaderConfig, make_loader
 from mgie_jax.core.fingerprint import tree_fingerprint
-from mgie_jax.run.batch import batch_spec
-from mgie_jax.training.setup import make_setup
-from mgie_jax.training.step import jit_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 2e-6
@@ -99,19 +95,10 @@ def test_records_round_trip_and_keep_skips(dtype):
 
 @pytest.mark.slow
 def test_twenty_steps_on_the_cache_give_the_losses_of_twenty_on_the_images(run_data, cache):
-  from configs import tiny_lora
+  from saved_runs import lora_run_on
   losses = {}
   for name, features in (("images", ""), ("cache", cache)):
-    c = tiny_lora.get_config()
-    c.data.dir, c.data.tokenizer, c.data.num_threads = run_data[0], run_data[1], 2
-    c.pretrained.vae = ""
-    c.data.features = features
-    setup = make_setup(c, c.data.tokenizer, devices=jax.devices()[:1])
-    state, frozen = setup.new_state()
-    spec = batch_spec(c, setup.mcfg)
-    loader = make_loader(LoaderConfig(data_dir=c.data.dir, batch_size=c.train.batch_size, tokenizer=c.data.tokenizer,
-                                      seed=c.seed, num_threads=2, features=features, **spec.loader_options()), 0, 1)
-    step = jit_train_step(setup, c.data.resolution)
+    _, state, frozen, loader, step = lora_run_on(run_data, features)
     out = []
     for _ in range(20):
       batch = next(loader)

@@ -195,36 +195,33 @@ class ClipTextMetric(Metric):
     self._fn = nnx.jit(lambda m, a, ids, mask: cosine(m.image_features(a).astype(jnp.float32),
                                                       m.text_features(ids, mask).astype(jnp.float32)))
 
-  def prepare(self, gen, target, example):
-    enc = self.tokenizer(example["caption"], padding="max_length", truncation=True, max_length=self.context)
-    return {"gen": clip_view(gen.convert("RGB"), self.size),
-            "ids": np.asarray(enc["input_ids"], np.int32), "mask": np.asarray(enc["attention_mask"], np.int32)}
-
-  def score(self, batch):
-    return np.asarray(self._fn(self.clip, jnp.asarray(batch["gen"]), jnp.asarray(batch["ids"]),
-                               jnp.asarray(batch["mask"])))
-
-
-class ClipScoreMetric(Metric):
-  """CLIP-S of the expressive instruction against the input ("clip_s_input") or goal image ("clip_s_goal")."""
-  needs_expressive = True
-
-  def __init__(self, clip, tokenizer, name: str, context: int = 77):
-    self.clip, self.tokenizer, self.name, self.context = clip, tokenizer, name, context
-    self.needs_input = name == "clip_s_input"
-    self.size = clip.vision_model.config.image_size
-    self._fn = nnx.jit(lambda m, a, ids, mask: cosine(m.image_features(a).astype(jnp.float32),
-                                                      m.text_features(ids, mask).astype(jnp.float32)))
+  def pair(self, gen, target, example):
+    """The (image, text) whose CLIP embeddings are compared."""
+    return gen, example["caption"]
 
   def prepare(self, gen, target, example):
-    image = example["input"] if self.needs_input else target
-    enc = self.tokenizer(example["expressive"], padding="max_length", truncation=True, max_length=self.context)
+    image, text = self.pair(gen, target, example)
+    enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.context)
     return {"image": clip_view(image.convert("RGB"), self.size),
             "ids": np.asarray(enc["input_ids"], np.int32), "mask": np.asarray(enc["attention_mask"], np.int32)}
 
   def score(self, batch):
     return np.asarray(self._fn(self.clip, jnp.asarray(batch["image"]), jnp.asarray(batch["ids"]),
                                jnp.asarray(batch["mask"])))
+
+
+class ClipScoreMetric(ClipTextMetric):
+  """CLIP-S of the expressive instruction against the input ("clip_s_input") or goal image ("clip_s_goal")."""
+  needs_caption = False
+  needs_expressive = True
+
+  def __init__(self, clip, tokenizer, name: str, context: int = 77):
+    super().__init__(clip, tokenizer, context)
+    self.name = name
+    self.needs_input = name == "clip_s_input"
+
+  def pair(self, gen, target, example):
+    return (example["input"] if self.needs_input else target), example["expressive"]
 
 
 class DinoMetric(Metric):

@@ -338,16 +338,8 @@ def frozen_towers(c, built: Built, placed: Placement, names=FEATURE_TOWERS) -> d
   if built.plan is None:
     return subtree(frozen_params(c, built, placed), names)
   template = subtree(nnx.to_pure_dict(placed.parts.frozen_template), names)
-  shardings = subtree(placed.frozen_sh, names)
-  dtype = jnp.dtype(c.model.frozen_dtype)
-  out = {}
-  for name in names:
-    keys = name.split(".")
-    t, sh, dst = template, shardings, out
-    for k in keys[:-1]:
-      t, sh, dst = t[k], sh[k], dst.setdefault(k, {})
-    dst[keys[-1]] = parallel.place_tree(built.plan.loaders, t[keys[-1]], sh[keys[-1]], dtype, name + ".")
-  return out
+  return parallel.place_tree(built.plan.loaders, template, subtree(placed.frozen_sh, names),
+                             jnp.dtype(c.model.frozen_dtype))
 
 
 def tower_sources(c, workdir=None) -> dict:
